@@ -1,0 +1,223 @@
+"""Tests for losses.py: Eq. 4-10 reward alignment, teachers stay untouched, empty terms are exact zeros,
+mixed precision changes nothing, and two DDP ranks give the gradient of one process on the whole batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from losses import (anchor_distillation_loss, gather_with_grad, load_balance_loss, prior_distillation_loss,
+                    soft_binding_loss, soft_targets, unialign_loss)
+
+TAU, TAU_S, TAU_KD = 0.07, 0.01, 0.5
+SETTINGS = dict(tau_s=TAU_S, beta=0.5, tau_kd=TAU_KD, gamma=0.5, lambda_anchor=1.0, lambda_prior=1.0, lambda_bal=0.1)
+
+
+def unit(*shape):
+    return F.normalize(torch.randn(*shape), dim=-1)
+
+
+def test_aligned_embeddings_bind_better_than_shuffled():
+    torch.manual_seed(0)
+    t = unit(8, 16)
+    shuffled = t.roll(1, dims=0)  # every sample next to another sample's caption
+    for beta in (0.0, 1.0):
+        aligned, _ = soft_binding_loss(t, t, TAU, TAU_S, beta)
+        wrong, _ = soft_binding_loss(shuffled, t, TAU, TAU_S, beta)
+        assert aligned < wrong - 1.0
+
+
+def test_parity_with_a_transcription_of_eq_4_to_9():
+    """Eq. 4-9 written out pair by pair, as on the page, on a batch where two samples share a caption."""
+    torch.manual_seed(0)
+    B, tau_s = 5, 0.3  # soft targets: the column sums of Y are far from 1
+    z, t, v, p = unit(B, 8).double(), unit(B, 8).double(), unit(B, 8).double(), 3 * torch.randn(B, 12).double()
+    t[3] = t[1]
+    exp, log, others = torch.exp, torch.log, lambda i: [k for k in range(B) if k != i]
+    Y = [[exp(t[i] @ t[j] / tau_s) / sum(exp(t[i] @ t[k] / tau_s) for k in range(B)) for j in range(B)]
+         for i in range(B)]
+    xt = lambda i, j: z[i] @ t[j] / TAU
+    xx = lambda i, j: z[i] @ z[j] / TAU
+    rows = -sum(Y[i][j] * (xt(i, j) - log(sum(exp(xt(i, k)) for k in range(B))))
+                for i in range(B) for j in range(B)) / B
+    cols = -sum(Y[i][j] / sum(Y[k][j] for k in range(B)) * (xt(i, j) - log(sum(exp(xt(k, j)) for k in range(B))))
+                for i in range(B) for j in range(B)) / B
+    within = -sum(Y[i][j] / sum(Y[i][k] for k in others(i)) * (xx(i, j) - log(sum(exp(xx(i, k)) for k in others(i))))
+                  for i in range(B) for j in others(i)) / B
+    _, parts = soft_binding_loss(z, t, TAU, tau_s, beta=1.0)
+    assert parts["xt"] == pytest.approx(float(rows + cols) / 2, rel=1e-5)
+    assert parts["xx"] == pytest.approx(float(within), rel=1e-5)
+
+    def texts(x, i):  # softmax_j(x_i . t_j / tau_kd)
+        return [exp(x[i] @ t[j] / TAU_KD) / sum(exp(x[i] @ t[k] / TAU_KD) for k in range(B)) for j in range(B)]
+    kl = sum(q * log(q / s) for i in range(B) for q, s in zip(texts(v, i), texts(z, i))) / B
+    cosine = sum(z[i] @ v[i] for i in range(B)) / B
+    anchor = anchor_distillation_loss(z, v, t, TAU_KD, gamma=0.5).item()
+    assert anchor == pytest.approx(float(kl + 0.5 * (1 - cosine)), rel=1e-5)
+
+    def relations(x, i):  # softmax_{j != i}(x_i . x_j / tau_kd)
+        return {j: exp(x[i] @ x[j] / TAU_KD) / sum(exp(x[i] @ x[k] / TAU_KD) for k in others(i)) for j in others(i)}
+    p_hat = F.normalize(p, dim=-1)
+    kl = sum(q * log(q / relations(z, i)[j]) for i in range(B) for j, q in relations(p_hat, i).items()) / B
+    assert prior_distillation_loss(z, p, TAU_KD).item() == pytest.approx(float(kl), rel=1e-5)
+
+
+def test_identical_captions_share_the_target_mass():
+    torch.manual_seed(0)
+    t = unit(37, 67)
+    t[30] = t[4]
+    y = soft_targets(t, TAU_S)
+    assert torch.equal(y[4], y[30])  # the two samples have the same targets
+    assert torch.equal(y[:, 4], y[:, 30])  # every row gives them the same mass
+    assert y[4, 4] == pytest.approx(0.5, abs=1e-3)  # tau_s small: the pair holds almost all the mass
+    assert torch.allclose(y.sum(-1), torch.ones(37))
+
+
+def test_identical_captions_are_positives_of_each_other():
+    """L_xx pulls two samples with the same caption together, whatever their datasets."""
+    torch.manual_seed(0)
+    t = unit(6, 16)
+    t[5] = t[0]
+    z = t.clone()
+    z[5] = unit(16)  # sample 5 points elsewhere: L_xx grows
+    assert soft_binding_loss(z, t, TAU, TAU_S, 1.0)[1]["xx"] > soft_binding_loss(t, t, TAU, TAU_S, 1.0)[1]["xx"] + 1.0
+
+
+def test_kl_terms_vanish_when_student_equals_teacher():
+    torch.manual_seed(0)
+    z, t = unit(6, 16), unit(10, 16)
+    assert anchor_distillation_loss(z, z.clone(), t, TAU_KD, gamma=1.0).abs() < 1e-6
+    assert prior_distillation_loss(z, z.clone(), TAU_KD).abs() < 1e-6
+
+
+def test_teachers_get_no_gradient():
+    torch.manual_seed(0)
+    z, t = unit(6, 16).requires_grad_(), unit(10, 16)
+    v, p = unit(6, 16).requires_grad_(), torch.randn(6, 24, requires_grad=True)
+    (anchor_distillation_loss(z, v, t, TAU_KD, 1.0) + prior_distillation_loss(z, p, TAU_KD)).backward()
+    assert v.grad is None and p.grad is None
+    assert z.grad.abs().sum() > 0
+
+
+def test_prior_of_another_dimension():
+    """Eq. 9 compares similarity structures: a prior in 40 dimensions with the student's structure
+    (an isometric embedding, scaled) costs nothing, a random one does."""
+    torch.manual_seed(0)
+    z = unit(8, 16)
+    isometry = torch.linalg.qr(torch.randn(40, 16)).Q.T  # (16, 40), orthonormal rows
+    assert prior_distillation_loss(z, 3 * z @ isometry, TAU_KD).abs() < 1e-6
+    assert prior_distillation_loss(z, torch.randn(8, 40), TAU_KD) > 0.01
+
+
+def test_empty_terms_are_exact_zeros_with_a_graph():
+    torch.manual_seed(0)
+    z, t, v = unit(6, 16).requires_grad_(), unit(6, 16), unit(6, 16)
+    singleton = (torch.tensor([2]), torch.randn(1, 24))
+    loss, parts = unialign_loss(z, t, TAU, v=v, anchor_mask=torch.zeros(6, dtype=torch.bool),
+                                priors=[(torch.tensor([], dtype=torch.long), torch.randn(0, 24)), singleton], **SETTINGS)
+    assert parts["anchor"] == 0.0 and parts["prior"] == 0.0 and parts["bal"] == 0.0
+    assert loss.item() == parts["bind"]
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+    one = unit(1, 16).requires_grad_()
+    bind, parts = soft_binding_loss(one, unit(1, 16), TAU, TAU_S, beta=1.0)
+    assert parts["xx"] == 0.0
+    bind.backward()
+    assert torch.isfinite(one.grad).all()
+
+
+def test_beta_zero_skips_xx():
+    torch.manual_seed(0)
+    z, t = unit(6, 16), unit(6, 16)
+    bind, parts = soft_binding_loss(z, t, TAU, TAU_S, beta=0.0)
+    assert parts["xx"] == 0.0 and bind.item() == parts["xt"]
+
+
+def test_load_balance():
+    """E * sum f P is 1 for uniform routing, E when one expert takes everything; only P gets a gradient."""
+    P = torch.full((4,), 0.25, requires_grad=True)
+    f = torch.full((4,), 0.25, requires_grad=True)
+    uniform = load_balance_loss(f, P)
+    uniform.backward()
+    assert uniform.item() == pytest.approx(1.0) and f.grad is None and P.grad is not None
+    assert load_balance_loss(torch.eye(4)[0], torch.eye(4)[0]).item() == pytest.approx(4.0)
+
+
+def full_batch(n=12, d=16):
+    """A mixed batch: duplicate captions, some anchored samples, some samples with a prior."""
+    g = torch.Generator().manual_seed(1)
+    captions = F.normalize(torch.randn(5, d, generator=g), dim=-1)
+    return {
+        "x": torch.randn(n, 10, generator=g),
+        "t": captions[torch.arange(n) % 5],
+        "v": F.normalize(torch.randn(n, d, generator=g), dim=-1),
+        "anchor": torch.arange(n) % 3 != 0,
+        "has_prior": torch.arange(n) % 4 != 1,
+        "p": torch.randn(n, 24, generator=g),
+    }
+
+
+def batch_loss(model, batch):
+    """unialign_loss on the global batch: gathered across ranks when distributed, as is otherwise."""
+    z = gather_with_grad(F.normalize(model(batch["x"]), dim=-1))
+    t, v, p = (gather_with_grad(batch[k]) for k in ("t", "v", "p"))
+    anchor, has_prior = (gather_with_grad(batch[k].float()).bool() for k in ("anchor", "has_prior"))
+    rows = has_prior.nonzero().squeeze(1)
+    return unialign_loss(z, t, TAU, v=v, anchor_mask=anchor, priors=[(rows, p[rows])], **SETTINGS)
+
+
+def small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+
+
+def ddp_rank(rank, world, port, batch, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = DDP(small_model())
+    n = len(batch["x"]) // world
+    loss, _ = batch_loss(model, {k: x[rank * n:(rank + 1) * n] for k, x in batch.items()})
+    loss.backward()  # DDP averages the gradients over ranks
+    torch.save({"loss": loss.detach(), "grads": [q.grad for q in model.parameters()]}, os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ddp_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    batch = full_batch()
+    assert gather_with_grad(batch["x"]) is batch["x"]  # not distributed: unchanged
+    model = small_model()
+    loss, _ = batch_loss(model, batch)
+    loss.backward()
+    mp.spawn(ddp_rank, args=(2, free_port(), batch, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.allclose(result["loss"], loss.detach(), atol=1e-6)
+        for g, q in zip(result["grads"], model.parameters()):
+            assert torch.allclose(g, q.grad, atol=1e-5, rtol=0)
+
+
+def test_autocast_changes_nothing():
+    """Under bf16 autocast the losses still compute in float32: float32 inputs give the float32 loss,
+    bf16 inputs a finite loss close to it."""
+    torch.manual_seed(0)
+    z, t, v = unit(12, 32), unit(12, 32), unit(12, 32)
+    kwargs = dict(anchor_mask=torch.arange(12) % 2 == 0, priors=[(torch.arange(8), torch.randn(8, 24))],
+                  balance=[(torch.full((4,), 0.25), torch.rand(4))], **SETTINGS)
+    reference, _ = unialign_loss(z, t, TAU, v=v, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        same, _ = unialign_loss(z, t, TAU, v=v, **kwargs)
+        half, _ = unialign_loss(z.bfloat16(), t.bfloat16(), TAU, v=v.bfloat16(), **kwargs)
+    assert same.dtype == half.dtype == torch.float32
+    assert torch.allclose(same, reference, atol=1e-6, rtol=0)
+    assert torch.isfinite(half) and torch.allclose(half, reference, rtol=0.02)
