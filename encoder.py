@@ -8,6 +8,8 @@ Top to bottom:
    where lora_moe.py puts its experts (Eq. 1-2).
 2. `clip_from_openai_state_dict` and `load_openai_clip`: configuration inferred from tensor
    shapes, as OpenAI's `build_model` does.
+3. `UniAlign`: the frozen CLIP, one tokenizer per extended modality and the LoRA-MoE experts
+   inside the frozen ViT blocks; `z = normalize(UniAlign(x, m))` of METHOD.md section 2.
 """
 
 import math
@@ -20,6 +22,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from lora_moe import TARGETS, add_lora_moe, routed
+from tokenizers import TOKENIZERS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,3 +260,84 @@ def load_openai_clip(path):
     if not isinstance(state_dict, dict):
         raise ValueError(f"CLIP checkpoint {path} holds a {type(state_dict).__name__}, not a state dict")
     return clip_from_openai_state_dict(state_dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. UniAlign: every extended modality through the same frozen ViT (METHOD.md section 1)
+# ----------------------------------------------------------------------------------------------
+
+class UniAlign(nn.Module):
+    """One encoder for every modality: z = normalize(UniAlign(x, m)).
+
+    Images and text take CLIP's untouched frozen path, so the anchor space never moves. An extended
+    modality m takes its tokenizer -> CLIP's class token + the frozen ViT blocks whose linears are
+    LoRA-MoE adapted and routed by m (Eq. 1-2) -> ln_post -> projection. Trainable: the tokenizers,
+    the experts and the routers; nothing of CLIP.
+    """
+
+    def __init__(self, clip, modalities, tokenizer_settings=None, experts=4, rank=8, top_k=2, alpha=16.0,
+                 targets=TARGETS, grad_checkpointing=False):
+        super().__init__()
+        unknown = sorted(set(modalities) - TOKENIZERS.keys())
+        if unknown:
+            raise ValueError(f"no tokenizer for {unknown}; extended modalities are {sorted(TOKENIZERS)}")
+        self.clip = clip.requires_grad_(False).eval()
+        self.modalities = list(modalities)
+        settings = tokenizer_settings or {}
+        self.tokenizers = nn.ModuleDict({m: TOKENIZERS[m](clip.visual.conv1.weight, **settings.get(m, {}))
+                                         for m in self.modalities})
+        self.adapters = add_lora_moe(clip.visual.transformer.resblocks, self.modalities, targets,
+                                     experts, rank, top_k, alpha)  # a plain list: they are registered inside clip
+        clip.visual.transformer.grad_checkpointing = grad_checkpointing
+        self.router_stats = {}  # modality -> [stats of every adapter] of the last forward (Eq. 3)
+
+    def train(self, mode=True):
+        """The frozen CLIP stays in eval mode; only the trainable parts switch."""
+        super().train(mode)
+        self.clip.eval()
+        for adapter in self.adapters:
+            adapter.train(mode)
+        return self
+
+    def forward(self, inputs):
+        """{modality: batch} (text as token ids) -> {modality: (B, D) L2-normalised embeddings}."""
+        out, self.router_stats = {}, {}
+        for m, x in inputs.items():
+            if m == "image":
+                z = self.clip.encode_image(x)
+            elif m == "text":
+                z = self.clip.encode_text(x)
+            else:
+                with routed(self.adapters, m):
+                    z = self.clip.visual.encode_tokens(self.tokenizers[m](x))
+                self.router_stats[m] = [adapter.stats for adapter in self.adapters]
+            out[m] = F.normalize(z.float(), dim=-1)
+        return out
+
+    encode = forward
+
+    def trainable_names(self):
+        return {n for n, p in self.named_parameters() if p.requires_grad} | {n for n, _ in self.named_buffers()}
+
+    def trainable_state_dict(self):
+        """Tokenizers, experts, routers and the routers' running gate statistics: what a checkpoint holds."""
+        keep = self.trainable_names()
+        return {k: v for k, v in self.state_dict().items() if k in keep}
+
+    def load_trainable_state_dict(self, state):
+        keep = self.trainable_names()
+        missing, unexpected = sorted(keep - state.keys()), sorted(state.keys() - keep)
+        if missing or unexpected:
+            raise ValueError(f"trainable state does not fit this model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+                             " (was it saved with other modalities, experts or targets?)")
+        self.load_state_dict(state, strict=False)
+
+    def count_trainable(self):
+        """Trainable parameters by part (METHOD.md section 1: the paper reports 7.8M for its configuration)."""
+        counts = {"tokenizers": 0, "experts": 0, "routers": 0}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                part = "tokenizers" if name.startswith("tokenizers.") else "routers" if ".routers." in name else "experts"
+                counts[part] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts

@@ -1,5 +1,5 @@
-"""Tests for encoder.py (CLIP part): OpenAI's checkpoint layout, loading, the ViT token entry point,
-the causal text tower, the LoRA hook point and gradient checkpointing."""
+"""Tests for encoder.py: OpenAI's checkpoint layout, loading, the ViT token entry point, the causal
+text tower, the LoRA hook point, gradient checkpointing, and the UniAlign encoder built on them."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from encoder import CLIP, clip_from_openai_state_dict, load_openai_clip
+from encoder import CLIP, UniAlign, clip_from_openai_state_dict, load_openai_clip
 
 # Two layers per tower, one head per 64 channels (OpenAI's rule, which a state dict cannot override).
 TINY = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
@@ -172,3 +172,90 @@ def test_grad_checkpointing_gives_same_outputs_and_gradients():
     assert grads.keys() == grads_ckpt.keys()
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ---------- UniAlign ----------
+
+UNIALIGN_INPUTS = {"depth": (1, 32, 32), "imu": (6, 40), "point": (64, 3)}
+SETTINGS = {"depth": {"image_size": 32}, "imu": {"length": 40, "kernel": 8},
+            "point": {"points": 64, "groups": 8, "neighbours": 8}}
+
+
+def tiny_unialign(**kw):
+    return UniAlign(tiny_clip(), list(UNIALIGN_INPUTS), SETTINGS, experts=3, rank=4, top_k=2, **kw)
+
+
+def unialign_batch(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(2, *shape, generator=g) for m, shape in UNIALIGN_INPUTS.items()}
+
+
+def test_unialign_at_initialisation_is_the_frozen_vit_on_the_same_tokens():
+    model = tiny_unialign()
+    frozen = tiny_clip().visual  # same seed: the same weights, never adapted
+    with torch.no_grad():
+        for m, x in unialign_batch().items():
+            z = model({m: x})[m]
+            ref = nn.functional.normalize(frozen.encode_tokens(model.tokenizers[m](x)), dim=-1)
+            assert torch.equal(z, ref), m
+
+
+def test_images_and_text_take_the_untouched_clip_path():
+    model, clip = tiny_unialign(), tiny_clip()
+    with torch.no_grad():
+        for p in model.parameters():  # make the adapters matter: they must still not touch images
+            if p.requires_grad:
+                p.add_(0.1)
+        images, ids = inputs()
+        out = model({"image": images, "text": ids})
+        assert torch.equal(out["image"], nn.functional.normalize(clip.encode_image(images), dim=-1))
+        assert torch.equal(out["text"], nn.functional.normalize(clip.encode_text(ids), dim=-1))
+
+
+def test_a_training_step_reaches_tokenizers_experts_routers_and_no_frozen_weight():
+    model = tiny_unialign()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.5)
+    for _ in range(2):  # B starts at zero: the first step moves B, the second reaches A and the routers
+        opt.zero_grad()
+        loss = sum(z.sum() * (k + 1) for k, z in enumerate(model(unialign_batch()).values()))
+        loss.backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"tokenizers", "clip"}
+    assert all(".lora_" in n or ".routers." in n for n, p in model.clip.named_parameters() if p.requires_grad)
+
+
+def test_trainable_state_round_trip_and_counts():
+    model = tiny_unialign()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    state = model.trainable_state_dict()
+    assert not any(k.endswith(("in_proj_weight", "c_fc.weight", "conv1.weight")) for k in state)
+    fresh = tiny_unialign()
+    fresh.load_trainable_state_dict(state)
+    batch = unialign_batch()
+    with torch.no_grad():
+        for m in batch:
+            assert torch.equal(model({m: batch[m]})[m], fresh({m: batch[m]})[m])
+    counts = model.count_trainable()
+    assert counts["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # per block and modality, a router (in + 1) x E for in_proj, out_proj, c_fc (in = 64) and c_proj (in = 256)
+    assert counts["routers"] == 2 * len(UNIALIGN_INPUTS) * (3 * (64 + 1) + (256 + 1)) * 3
+    with pytest.raises(ValueError, match="does not fit"):
+        UniAlign(tiny_clip(), ["depth"], SETTINGS).load_trainable_state_dict(state)
+
+
+def test_router_statistics_per_modality_feed_the_balance_term():
+    model = tiny_unialign()
+    model(unialign_batch())
+    assert set(model.router_stats) == set(UNIALIGN_INPUTS)
+    for stats in model.router_stats.values():
+        assert len(stats) == 2 * 4  # blocks x targets
+        assert all(torch.allclose(s["f"].sum(), torch.tensor(1.0)) and s["P"].requires_grad for s in stats)

@@ -1,0 +1,197 @@
+"""Modality-aware LoRA-MoE (METHOD.md section 1, Eq. 1-3): experts inside CLIP's frozen linears.
+
+For a token x of modality m, a frozen linear (W, b) becomes
+
+    y = W x + b + (alpha / r) * sum_{e in TopK(g)} g_e(x, m) * B_e A_e x                 (Eq. 1)
+    g(x, m) = softmax( W_g^(m) x + b_g^(m) )   renormalised over its top-k entries      (Eq. 2)
+
+with E experts of rank r shared by all modalities and one router (W_g^(m), b_g^(m)) per
+modality. Per call, `stats` keeps what the load-balancing term needs:
+
+    L_bal = E * sum_e f_e * P_e     (f_e: fraction of tokens routed to e, P_e: mean gate)  (Eq. 3)
+
+This file holds `LoRAMoELinear` (one adapted linear), `add_lora_moe` (puts one into each chosen
+linear of every CLIP block) and `routed` (sets the modality of a list of adapters).
+
+What differs from loralib and the paper:
+- E = 1 is plain LoRA, in the same class: the gate is identically 1 and there are no routers.
+- All experts are computed for every token in two matmuls (A of all experts stacked as an
+  (E*r, in) matrix, B as (out, E*r)), the unselected experts multiplied by a zero gate; the
+  router runs in float32. At r = 8 this beats gathering each expert's tokens (measured on CPU
+  up to E = 16), but the cost grows with E*r, not only with k*r as sparse dispatch would.
+- A routed update depends on the token, so it cannot be folded into W exactly. `merge(m)` folds
+  in the *expected* update (alpha / r) * sum_e gbar_e B_e A_e, gbar being the mean top-k gate
+  that modality m's tokens received in training-mode forwards. This is exact when the routing
+  does not depend on the token (E = 1, or a router with zero weights) and an approximation
+  otherwise.
+"""
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+
+class LoRAMoELinear(nn.Module):
+    """A frozen linear (CLIP's own `weight` and `bias` Parameters, not copies) plus E LoRA experts
+    routed per modality (Eq. 1-2).
+
+    Set `modality` before a forward; `None` is the frozen linear alone (the image path). After a
+    forward with a modality, `stats = {"f": (E,), "P": (E,)}` holds that call's fraction of
+    token->expert assignments per expert (detached, sums to 1) and mean softmax gate
+    (differentiable) for Eq. 3.
+    """
+
+    def __init__(self, weight, bias, modalities, experts=4, rank=8, top_k=2, alpha=16.0):
+        super().__init__()
+        if not 1 <= top_k <= experts:
+            raise ValueError(f"top_k must be between 1 and experts={experts}, got {top_k}")
+        out_features, in_features = weight.shape
+        self.weight, self.bias = weight, bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.modalities = list(modalities)
+        self.experts, self.rank, self.top_k, self.scaling = experts, rank, top_k, alpha / rank
+        self.lora_A = nn.Parameter(weight.new_empty(experts * rank, in_features))  # A_e stacked: (E*r, in)
+        self.lora_B = nn.Parameter(weight.new_zeros(out_features, experts * rank))  # B_e side by side: (out, E*r)
+        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # as loralib (nn.Linear's default)
+        self.routers = (nn.ModuleDict({m: nn.Linear(in_features, experts, device=weight.device, dtype=weight.dtype)
+                                       for m in self.modalities}) if experts > 1 else None)
+        # running sums of the top-k gates and token counts per modality, for merge()
+        self.register_buffer("gate_sum", torch.zeros(len(self.modalities), experts, dtype=torch.float64,
+                                                     device=weight.device))
+        self.register_buffer("token_count", torch.zeros(len(self.modalities), dtype=torch.float64,
+                                                        device=weight.device))
+        self.register_buffer("original_weight", None, persistent=False)  # W while merged
+        self.modality, self.merged, self.stats = None, None, None
+
+    def __getstate__(self):  # `stats` may hold a graph (P): copies and pickles start without it
+        return {**super().__getstate__(), "stats": None}
+
+    def extra_repr(self):
+        out_features, in_features = self.weight.shape
+        return (f"in={in_features}, out={out_features}, experts={self.experts}, rank={self.rank}, "
+                f"top_k={self.top_k}, scaling={self.scaling}, modalities={self.modalities}")
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        if self.merged is not None or self.modality is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.modality not in self.modalities:
+            raise KeyError(f"unknown modality {self.modality!r}; this adapter routes {self.modalities}")
+        return self.add_expert_update(F.linear(x, self.weight, self.bias), x, self.route(x))
+
+    def route(self, x):
+        """Eq. 2: (..., in) -> gates (..., E), the softmax renormalised over its top-k (zero elsewhere).
+
+        Also sets `stats` and, in training mode, adds the gates to this modality's running sums.
+        """
+        if self.routers is None:  # one expert: the gate is identically 1
+            gates = x.new_ones(*x.shape[:-1], 1, dtype=torch.float32)
+            self.stats = {"f": gates.new_ones(1), "P": gates.new_ones(1)}
+        else:
+            router = self.routers[self.modality]
+            with torch.autocast(x.device.type, enabled=False):  # routing decisions in float32
+                probs = F.linear(x.float(), router.weight.float(), router.bias.float()).softmax(-1)  # (..., E)
+            top, chosen = probs.topk(self.top_k, dim=-1)  # (..., k)
+            gates = torch.zeros_like(probs).scatter(-1, chosen, top / top.sum(-1, keepdim=True))
+            f = torch.bincount(chosen.flatten(), minlength=self.experts) / chosen.numel()
+            self.stats = {"f": f, "P": rearrange(probs, "... e -> (...) e").mean(0)}
+        if self.training:
+            with torch.no_grad():
+                i = self.modalities.index(self.modality)
+                self.gate_sum[i] += rearrange(gates, "... e -> (...) e").sum(0).to(self.gate_sum.dtype)
+                self.token_count[i] += gates.numel() // self.experts
+        return gates
+
+    def add_expert_update(self, y, x, gates):
+        """y + Eq. 1's sum, (alpha / r) * sum_e g_e B_e A_e x, for y (..., out), x (..., in), gates (..., E).
+
+        A of all experts in one matmul, each expert's r rows scaled by its gate, then B in one
+        matmul that also adds y and the alpha / r scale (addmm: no extra pass over the output).
+        """
+        h = rearrange(F.linear(x, self.lora_A), "... (e r) -> ... e r", e=self.experts)  # (..., E, r)
+        h = h * gates[..., None].to(h.dtype)
+        out = torch.addmm(rearrange(y, "... o -> (...) o"), rearrange(h, "... e r -> (...) (e r)"),
+                          self.lora_B.t(), alpha=self.scaling)  # (N, out)
+        return out.view_as(y)
+
+    def mean_gate(self, modality):
+        """gbar (E,): the mean top-k gate of `modality`'s tokens over the training-mode forwards."""
+        if modality not in self.modalities:
+            raise KeyError(f"unknown modality {modality!r}; this adapter routes {self.modalities}")
+        if self.routers is None:
+            return self.gate_sum.new_ones(1)
+        i = self.modalities.index(modality)
+        if self.token_count[i] == 0:
+            raise RuntimeError(f"no routing statistics for {modality!r}: run training-mode forwards "
+                               f"with this modality before merging")
+        return self.gate_sum[i] / self.token_count[i]
+
+    @torch.no_grad()
+    def merge(self, modality):
+        """W <- W + (alpha / r) * sum_e gbar_e B_e A_e (the expected update of `modality`); the
+        forward is then the plain linear whatever `modality` is set to, until `unmerge()`."""
+        if self.merged is not None:
+            raise RuntimeError(f"already merged for {self.merged!r}; call unmerge() first")
+        gbar = repeat(self.mean_gate(modality), "e -> (e r)", r=self.rank)
+        update = self.scaling * (self.lora_B.double() * gbar) @ self.lora_A.double()  # (out, in)
+        self.original_weight = self.weight.detach().clone()
+        self.weight.add_(update.to(self.weight.dtype))
+        self.merged = modality
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Restore the frozen weight bit for bit (copied back, not subtracted)."""
+        if self.merged is None:
+            raise RuntimeError("not merged")
+        self.weight.copy_(self.original_weight)
+        self.original_weight, self.merged = None, None
+
+
+def frozen_linear(block, target):
+    """(parent module, weight, bias) of one of a CLIP block's four frozen linears."""
+    if target == "in_proj":  # fused q, k, v: nn.MultiheadAttention's parameter names
+        return block.attn, block.attn.in_proj_weight, block.attn.in_proj_bias
+    parent = block.attn if target == "out_proj" else block.mlp
+    return parent, getattr(parent, target).weight, getattr(parent, target).bias
+
+
+TARGETS = ("in_proj", "out_proj", "c_fc", "c_proj")
+
+
+def add_lora_moe(blocks, modalities, targets=TARGETS, experts=4, rank=8, top_k=2, alpha=16.0):
+    """Replace the chosen frozen linears of every block by `LoRAMoELinear`s; returns them all.
+
+    The frozen weights keep their state-dict keys (`...mlp.c_fc.weight`, `...attn.in_proj_weight`);
+    the fused q, k, v weight also appears as `...attn.in_proj.weight`, the same tensor.
+    """
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown LoRA-MoE targets {unknown}; valid targets are {list(TARGETS)}")
+    adapters = []
+    for block in blocks:
+        for target in targets:
+            parent, weight, bias = frozen_linear(block, target)
+            if isinstance(getattr(parent, target), LoRAMoELinear):
+                raise ValueError(f"{target} of this block already holds a LoRAMoELinear")
+            adapter = LoRAMoELinear(weight, bias, modalities, experts, rank, top_k, alpha)
+            setattr(parent, target, adapter)
+            adapters.append(adapter)
+    return adapters
+
+
+@contextmanager
+def routed(adapters, modality):
+    """`with routed(adapters, "audio"): ...` runs the adapters for one modality (None: frozen path)
+    and restores their previous modality afterwards."""
+    previous = [adapter.modality for adapter in adapters]
+    for adapter in adapters:
+        adapter.modality = modality
+    try:
+        yield
+    finally:
+        for adapter, m in zip(adapters, previous):
+            adapter.modality = m

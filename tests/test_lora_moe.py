@@ -1,0 +1,189 @@
+"""Tests for lora_moe.py: identity at initialisation, the frozen path, gradients, top-k routing,
+per-modality routers, load-balance statistics, merge / unmerge, state-dict keys."""
+
+import copy
+
+import pytest
+import torch
+
+from encoder import ViT
+from lora_moe import LoRAMoELinear, add_lora_moe, routed
+
+MODALITIES = ["audio", "depth"]
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return ViT(image_resolution=16, patch_size=8, width=32, layers=2, heads=4, output_dim=16).requires_grad_(False)
+
+
+def adapted_vit(**settings):
+    """(frozen ViT, a copy of it with LoRA-MoE in all four linears of every block, the adapters)."""
+    frozen = tiny_vit()
+    vit = copy.deepcopy(frozen)
+    return frozen, vit, add_lora_moe(vit.transformer.resblocks, MODALITIES, **settings)
+
+
+def randomise_B(adapters):
+    with torch.no_grad():
+        for adapter in adapters:
+            adapter.lora_B.normal_(std=0.5)
+
+
+def tiny_layer(**settings):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 10)
+    layer = LoRAMoELinear(linear.weight, linear.bias, MODALITIES, **settings)
+    randomise_B([layer])
+    return layer
+
+
+def images():
+    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_identity_at_initialisation_for_every_modality():
+    frozen, vit, adapters = adapted_vit()
+    for modality in [None, *MODALITIES]:
+        with routed(adapters, modality):
+            assert torch.equal(vit(images()), frozen(images()))
+
+
+def test_modality_none_is_the_frozen_path():
+    frozen, vit, adapters = adapted_vit()
+    randomise_B(adapters)
+    with routed(adapters, None):
+        assert torch.equal(vit(images()), frozen(images()))
+    with routed(adapters, "audio"):
+        assert not torch.allclose(vit(images()), frozen(images()))
+
+
+def test_gradients_reach_experts_and_routers_never_frozen_weights():
+    _, vit, adapters = adapted_vit()
+    optimizer = torch.optim.SGD([p for p in vit.parameters() if p.requires_grad], lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        with routed(adapters, "audio"):
+            vit(images()).square().sum().backward()
+        if step == 0:  # B = 0: only B gets a gradient
+            assert all(a.lora_B.grad.abs().sum() > 0 for a in adapters)
+            optimizer.step()
+    for adapter in adapters:
+        assert adapter.lora_A.grad.abs().sum() > 0
+        assert adapter.lora_B.grad.abs().sum() > 0
+        assert adapter.routers["audio"].weight.grad.abs().sum() > 0
+        assert adapter.routers["depth"].weight.grad is None  # not this modality's router
+    frozen = [p for n, p in vit.named_parameters() if "lora_" not in n and "routers" not in n]
+    assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
+    assert vit.transformer.resblocks[0].attn.in_proj_weight.grad is None
+
+
+def test_top_k_routes_each_token_to_exactly_k_experts():
+    layer = tiny_layer(experts=4, top_k=2)
+    layer.modality = "audio"
+    x = torch.randn(50, 12)
+    gates = layer.route(x)
+    assert ((gates > 0).sum(-1) == 2).all()
+    assert torch.allclose(gates.sum(-1), torch.ones(50))
+    y = layer(x)
+    token = 0
+    unselected, selected = (gates[token] == 0).nonzero()[0, 0], (gates[token] > 0).nonzero()[0, 0]
+    for expert, changes in [(unselected, False), (selected, True)]:
+        changed = copy.deepcopy(layer)
+        with torch.no_grad():
+            rows = slice(expert * layer.rank, (expert + 1) * layer.rank)
+            changed.lora_A[rows] += 1.0
+            changed.lora_B[:, rows] += 1.0
+        assert torch.equal(changed(x)[token], y[token]) != changes
+
+
+def test_k_equal_to_E_gives_dense_softmax_gates():
+    layer = tiny_layer(experts=4, top_k=4)
+    layer.modality = "depth"
+    x = torch.randn(50, 12)
+    softmax = layer.routers["depth"](x).softmax(-1)
+    gates = layer.route(x)
+    assert (gates > 0).all()
+    assert torch.allclose(gates, softmax, atol=1e-6)
+
+
+def test_load_balance_stats():
+    layer = tiny_layer(experts=4, top_k=2)
+    layer.modality = "audio"
+    x = torch.randn(3, 20, 12)
+    gates = layer.route(x)
+    f, P = layer.stats["f"], layer.stats["P"]
+    assert torch.allclose(f.sum(), torch.tensor(1.0))
+    assert torch.allclose(f, (gates > 0).flatten(0, 1).float().sum(0) / (60 * 2))
+    assert not f.requires_grad
+    assert torch.allclose(P, layer.routers["audio"](x).softmax(-1).mean((0, 1)))
+    (4 * (f * P).sum()).backward()  # Eq. 3
+    assert layer.routers["audio"].weight.grad.abs().sum() > 0
+
+
+def test_each_modality_has_its_own_router():
+    layer = tiny_layer(experts=4, top_k=2)
+    x = torch.randn(30, 12)
+    outputs = {}
+    for modality in MODALITIES:
+        layer.modality = modality
+        outputs[modality] = layer(x)
+    assert not torch.allclose(outputs["audio"], outputs["depth"])
+    layer.routers["depth"].load_state_dict(layer.routers["audio"].state_dict())
+    assert torch.equal(layer(x), outputs["audio"])
+
+
+@pytest.mark.parametrize("experts", [1, 4])
+def test_merge_agrees_with_routing_when_routing_is_token_independent(experts):
+    """E = 1, or routers with zero weights: the expected update is the update, so merging is exact."""
+    _, vit, adapters = adapted_vit(experts=experts, top_k=min(2, experts))
+    randomise_B(adapters)
+    with torch.no_grad():
+        for adapter in adapters:
+            for router in (adapter.routers or {}).values():
+                router.weight.zero_()
+                router.bias.normal_()
+    originals = [adapter.weight.clone() for adapter in adapters]
+    with routed(adapters, "audio"), torch.no_grad():
+        vit(images())  # training mode: gathers the gate statistics
+        vit.eval()
+        expected = vit(images())
+        for adapter in adapters:
+            adapter.merge("audio")
+    for modality in [None, *MODALITIES]:  # merged: the plain linear whatever the modality
+        with routed(adapters, modality), torch.no_grad():
+            assert torch.allclose(vit(images()), expected, atol=1e-5)
+    for adapter, original in zip(adapters, originals):
+        assert not torch.equal(adapter.weight, original)
+        adapter.unmerge()
+        assert torch.equal(adapter.weight, original)
+    assert torch.equal(vit.transformer.resblocks[0].attn.in_proj_weight, originals[0])
+
+
+def test_clear_errors():
+    layer = tiny_layer(experts=4, top_k=2)
+    layer.modality = "eeg"
+    with pytest.raises(KeyError, match="eeg"):
+        layer(torch.randn(5, 12))
+    with pytest.raises(RuntimeError, match="no routing statistics"):
+        layer.merge("audio")
+    with pytest.raises(KeyError, match="eeg"):
+        layer.merge("eeg")
+    layer.modality = "audio"
+    layer(torch.randn(5, 12))
+    layer.merge("audio")
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge("audio")
+    with pytest.raises(ValueError, match="c_proj"):
+        add_lora_moe(tiny_vit().transformer.resblocks, MODALITIES, targets=("qkv",))
+
+
+def test_frozen_state_dict_keys_unchanged():
+    frozen, vit, _ = adapted_vit()
+    before, after = frozen.state_dict(), vit.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value)
+    assert "transformer.resblocks.0.mlp.c_fc.weight" in after
+    assert "transformer.resblocks.0.attn.in_proj_weight" in after
+    new = set(after) - set(before)
+    assert all(any(s in k for s in ("lora_", "routers", "gate_sum", "token_count", "attn.in_proj.")) for k in new)
