@@ -1,0 +1,135 @@
+"""Tests for world.py: deterministic samples with the real-data layouts, held-out concepts, anchors,
+captions, and a file round trip through data.ManifestDataset (synthetic and real share one path)."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import world
+
+SMALL = dict(concepts=4, image_size=16, frames=2, audio_seconds=0.25, points=64, imu_length=64, eeg_channels=8,
+             eeg_length=64)
+EXTENDED = ["video", "audio", "point", "depth", "tactile", "imu", "eeg"]
+MODALITIES = ["image"] + EXTENDED
+
+
+S = SMALL["image_size"]
+LAYOUT = {"image": (3, S, S), "tactile": (3, S, S), "depth": (1, S, S), "video": (2, 3, S, S), "audio": (1, 128, 23),
+          "point": (64, 3), "imu": (6, 64), "eeg": (8, 64)}  # SPEC.md's table at the SMALL sizes
+
+
+@pytest.fixture(scope="module")
+def sets():
+    return {m: world.SyntheticDataset(m, "train", 12, **SMALL) for m in MODALITIES}
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_items_have_the_manifest_layout(sets, modality):
+    ds = sets[modality]
+    assert ds.modality == modality and ds.class_names == world.CONCEPTS[:4]
+    for i in range(len(ds)):
+        item = ds[i]
+        assert set(item) == {"modality", "input", "text", "label", "anchor_image", "prior"}
+        assert item["modality"] == modality and item["prior"] is None and item["text"] == ds.captions[i]
+        assert tuple(item["input"].shape) == LAYOUT[modality] and item["input"].dtype == torch.float32
+        assert torch.isfinite(item["input"]).all()
+        assert isinstance(item["label"], int) and 0 <= item["label"] < 4
+        has_anchor = modality in ("depth", "point", "audio", "video")
+        assert (item["anchor_image"] is not None) == has_anchor
+        if has_anchor:
+            assert item["anchor_image"].shape == (3, S, S) and torch.isfinite(item["anchor_image"]).all()
+
+
+def test_points_carry_unit_normals_and_fill_the_unit_sphere():
+    ds = world.SyntheticDataset("point", "train", 4, **dict(SMALL, point_channels=6))
+    for i in range(4):
+        x = ds[i]["input"]
+        assert x.shape == (64, 6)
+        torch.testing.assert_close(x[:, :3].norm(dim=1).max(), torch.tensor(1.0))
+        torch.testing.assert_close(x[:, 3:].norm(dim=1), torch.ones(64))
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_deterministic_per_seed_and_index(sets, modality):
+    again = world.SyntheticDataset(modality, "train", 12, **SMALL)
+    other_seed = world.SyntheticDataset(modality, "train", 12, seed=1, **SMALL)
+    shorter = world.SyntheticDataset(modality, "train", 5, **SMALL)
+    for i in range(12):
+        assert torch.equal(sets[modality][i]["input"], again[i]["input"])
+        assert not torch.allclose(sets[modality][i]["input"], other_seed[i]["input"])
+    for i in range(5):  # a sample does not depend on how many others the dataset holds
+        assert torch.equal(sets[modality][i]["input"], shorter[i]["input"])
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_train_and_test_splits_share_no_sample(sets, modality):
+    test = world.SyntheticDataset(modality, "test", 12, **SMALL)
+    for i in range(12):
+        for j in range(12):
+            assert not torch.allclose(sets[modality][i]["input"], test[j]["input"])
+
+
+def test_held_out_concepts_leave_only_the_extended_train_sets():
+    held = ["cube", "cone"]
+    labels = lambda ds: {ds.class_names[ds[i]["label"]] for i in range(len(ds))}
+    for m in ["audio", "tactile"]:
+        train = world.SyntheticDataset(m, "train", 16, held_out=held, **SMALL)
+        assert train.class_names == world.CONCEPTS[:4] and labels(train) == {"sphere", "cylinder"}
+        assert not any(name in c for c in train.captions for name in held)
+        assert labels(world.SyntheticDataset(m, "test", 16, held_out=held, **SMALL)) == set(world.CONCEPTS[:4])
+    assert labels(world.SyntheticDataset("image", "train", 16, held_out=held, **SMALL)) == set(world.CONCEPTS[:4])
+    with pytest.raises(ValueError, match="not among"):
+        world.SyntheticDataset("audio", "train", 4, held_out=["banana"], **SMALL)
+
+
+def test_captions_use_the_templates(sets):
+    for m in EXTENDED:
+        ds = sets[m]
+        for i in range(len(ds)):
+            assert ds.captions[i] in {t.format(ds.class_names[ds[i]["label"]]) for t in data.PROMPTS[m]}
+    image = world.SyntheticDataset("image", "train", 40, **SMALL)
+    used = {m for i in range(40) for m, templates in data.PROMPTS.items()
+            if image.captions[i] in {t.format(image.class_names[image[i]["label"]]) for t in templates}}
+    assert len(used) >= 4  # the anchor text tower sees the caption forms of many modalities
+
+
+def test_anchor_is_a_render_of_the_same_object(sets):
+    video = sets["video"]
+    for i in range(len(video)):  # the video's anchor is its middle frame
+        assert torch.equal(video[i]["anchor_image"], video[i]["input"][SMALL["frames"] // 2])
+    depth = sets["depth"].raw(0)  # metres: the object stands in front of the back wall
+    assert 1.5 < depth[depth > 0].min() < 3.5 and depth.max() > 4.0
+
+
+def write_float_wav(path, x, rate):
+    raw = np.asarray(x, dtype="<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(raw)) + raw
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_raw_signals_written_to_files_read_back_identically(sets, tmp_path):
+    """The synthetic raw signal, saved as a real file and read by ManifestDataset, gives the same input."""
+    checks = {"audio": ("clip.wav", lambda path, x: write_float_wav(path, x, data.SAMPLE_RATE)),
+              "depth": ("depth.npy", np.save), "point": ("points.npy", np.save), "eeg": ("eeg.npy", np.save)}
+    for m, (name, write) in checks.items():
+        ds = sets[m]
+        write(tmp_path / name, ds.raw(3))
+        manifest = tmp_path / f"{m}.jsonl"
+        manifest.write_text(json.dumps({"modality": m, "path": name, "label": ds.class_names[ds[3]["label"]]}) + "\n")
+        real = data.ManifestDataset(manifest, image_size=16, audio_seconds=0.25, points=64, eeg_channels=8,
+                                    eeg_length=64)[0]
+        torch.testing.assert_close(real["input"], ds[3]["input"], rtol=0, atol=1e-5)
+
+
+def test_nearest_class_mean_baseline():
+    def fake(n, shift):
+        g = torch.Generator().manual_seed(n)
+        return [{"input": torch.nn.functional.one_hot(torch.tensor(i % 3), 3).float() * 5 + torch.randn(3, generator=g)
+                 + shift, "label": i % 3} for i in range(n)]
+    assert world.nearest_class_mean_top1(fake(30, 0.0), fake(31, 0.0)) == 1.0
+    assert world.nearest_class_mean_top1(fake(30, 0.0), [{"input": torch.zeros(3) + 5 * torch.eye(3)[1], "label": 0}]) == 0.0
