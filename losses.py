@@ -90,7 +90,7 @@ def soft_targets(t, tau_s):
     return caption_logits(t, tau_s).softmax(-1)
 
 
-def soft_binding_loss(z, t, tau, tau_s, beta):
+def soft_binding_loss(z, t, tau, tau_s, beta, target_space=None):
     """L_bind = L_xt + beta * L_xx  (Eq. 7), with the soft targets Y of Eq. 4:
 
         L_xt = 1/2 [ CE( softmax_j(z_i . t_j / tau), Y_i. ) + CE( softmax_i(z_i . t_j / tau), Y_.j ) ]   (Eq. 5)
@@ -98,8 +98,13 @@ def soft_binding_loss(z, t, tau, tau_s, beta):
 
     The column targets Y_.j are renormalised to sum to 1. beta = 0 skips L_xx; a batch of one has
     L_xx = 0. Returns (L_bind, {"bind", "xt", "xx"} as floats for logging).
+
+    `target_space`: the embeddings Eq. 4 is computed in, when not t itself. Pre-training the anchor
+    CLIP needs this: targets from the text tower being trained have a degenerate optimum (all
+    captions alike, Y uniform, every prediction uniform), so there Y comes from one-hot caption
+    identities instead, which makes identical captions the positives.
     """
-    logits = caption_logits(t, tau_s)  # (B, B)
+    logits = caption_logits(t if target_space is None else target_space, tau_s)  # (B, B)
     y = logits.softmax(-1)
     zt = similarity(z, t, tau)  # (B, B)
     xt = (soft_cross_entropy(zt, y, dim=1) + soft_cross_entropy(zt, y / y.sum(0), dim=0)) / 2
