@@ -555,6 +555,8 @@ class ManifestDataset(torch.utils.data.Dataset):
             raise SampleError(f"{self.path}: no usable samples" + (f" with split '{split}'" if split else ""))
         self.class_names = sorted({e["label"] for e in self.entries if e["label"] is not None})
         self.class_index = {name: k for k, name in enumerate(self.class_names)}
+        templates = PROMPTS[self.modality]
+        self.captions = [e["text"] or templates[i % len(templates)].format(e["label"]) for i, e in enumerate(self.entries)]
 
     def error(self, line_no, message, file=None):
         return SampleError(f"{self.path}: line {line_no}: " + (f"{file}: " if file else "") + message)
@@ -616,9 +618,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         entry = self.entries[i]
         x, anchor, prior = self.load(entry)
         label = entry["label"]
-        templates = PROMPTS[self.modality]
-        text = entry["text"] or templates[i % len(templates)].format(label)
-        return {"modality": self.modality, "input": x, "text": text,
+        return {"modality": self.modality, "input": x, "text": self.captions[i],
                 "label": -1 if label is None else self.class_index[label], "anchor_image": anchor, "prior": prior}
 
 
