@@ -1,0 +1,122 @@
+"""Tests for train.py and eval.py: the smoke recipe end to end, exact resume after SIGKILL, a
+two-process gloo DDP run, evaluation of a finished run folder, and a readable --help."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["anchor.pt", "bpe.txt.gz"] + [f"specialist_{m}.pt" for m in train.EXTENDED]
+
+
+def run(*args, **kw):
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run of the whole recipe: anchor, specialists, UniAlign, evaluation."""
+    out = tmp_path_factory.mktemp("smoke")
+    train.main(["--preset", "smoke", "--out", str(out)])
+    return out
+
+
+def with_finished_stages(smoke, out):
+    """A run folder holding the smoke run's anchor and specialists, so only the UniAlign stage runs."""
+    out.mkdir()
+    for name in STAGES:
+        shutil.copy(smoke / name, out / name)
+    return out
+
+
+def trainable_state(out):
+    return torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_smoke_recipe_writes_every_artefact(smoke):
+    for name in STAGES + ["ckpt.pt", "log.jsonl", "metrics.json", "metrics.md", "loss_curves.png",
+                          "router_gates.png", "similarity.png"]:
+        assert (smoke / name).exists(), name
+    metrics = json.loads((smoke / "metrics.json").read_text())
+    for block in ("unialign", "specialists", "raw_baseline"):
+        assert set(train.EXTENDED) <= set(metrics[block]["zero_shot_top1"]), block
+    assert metrics["unialign"]["trainable_params"] < metrics["specialists"]["trainable_params"]
+    assert "audio->point" in metrics["emergent_r1"] and "audio->image" in metrics["emergent_r1"]
+    stages = {json.loads(line)["stage"].split(":")[0] for line in (smoke / "log.jsonl").read_text().splitlines()}
+    assert stages == {"anchor", "specialist", "unialign"}
+    ckpt = torch.load(smoke / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == ckpt["config"]["steps"] and {"optimizer", "sampler", "rng", "model_args"} <= set(ckpt)
+
+
+def test_finished_stages_are_reused_and_other_settings_refused(smoke, capsys):
+    before = (smoke / "ckpt.pt").stat().st_mtime_ns
+    train.main(["--preset", "smoke", "--out", str(smoke), "--no-eval"])
+    assert (smoke / "ckpt.pt").stat().st_mtime_ns == before  # nothing retrained
+    with pytest.raises(SystemExit, match="--experts: checkpoint has 2, this run has 3"):
+        train.main(["--preset", "smoke", "--out", str(smoke), "--no-eval", "--experts", "3"])
+
+
+def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, tmp_path):
+    flags = ["--preset", "smoke", "--steps", "12", "--ckpt-every", "2", "--no-eval"]
+    whole = with_finished_stages(smoke, tmp_path / "whole")
+    train.main([*flags, "--out", str(whole)])
+
+    killed = with_finished_stages(smoke, tmp_path / "killed")
+    proc = run("train.py", *flags, "--out", str(killed))
+    deadline = time.time() + 120
+    while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(killed / "ckpt.pt", map_location="cpu", weights_only=True)["step"]
+    assert step < 12, "the run finished before it could be killed"
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main([*flags, "--out", str(killed)])
+    train.main([*flags, "--out", str(killed), "--resume"])
+
+    a, b = trainable_state(whole), trainable_state(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_process_gloo_ddp_run(smoke, tmp_path):
+    out = with_finished_stages(smoke, tmp_path / "ddp")
+    proc = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+               "--preset", "smoke", "--steps", "4", "--device", "cpu", "--no-eval", "--out", str(out),
+               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, log[-3000:]
+    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["sampler"]["world_size"] == 2
+
+
+def test_eval_cli_on_a_finished_run(smoke):
+    (smoke / "metrics.json").unlink()
+    proc = run("eval.py", "--ckpt", str(smoke / "ckpt.pt"), "--device", "cpu")
+    log, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, log[-3000:]
+    assert "| **mean** |" in log
+    metrics = json.loads((smoke / "metrics.json").read_text())
+    assert all(0.0 <= v <= 1.0 for v in metrics["unialign"]["zero_shot_top1"].values())
+
+
+def test_help_reads_well():
+    proc = run("train.py", "--help")
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    for flag in ["--preset", "--out", "--steps", "--batch-size", "--lr", "--seed", "--device", "--precision",
+                 "--ckpt-every", "--resume", "--experts", "--rank", "--top-k", "--clip", "--data", "--prior",
+                 "--lambda-anchor", "--lambda-prior", "--lambda-bal"]:
+        assert flag in text, flag
