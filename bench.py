@@ -1,0 +1,416 @@
+"""Benchmarks: each section times the real modules side by side and prints ratios (never asserts).
+
+Section "LoRA-MoE overhead" (lora_moe.py, METHOD.md section 1, Eq. 1-2): a ViT-B/16-shaped
+encoder (width 768, 12 layers, 12 heads, 197 tokens), forward + backward with the input tokens
+requiring grad (so the frozen path's backward runs, as it does under the tokenizers):
+  (a) LoRA-MoE E=4, r=8, k=2 in all four linears vs no adapters          target <= 1.3
+  (b) at E=8: a loop over experts (the baseline below) vs lora_moe.py     target >= 1.5
+  (c) merged adapters vs the frozen ViT, inference without grad           target <= 1.05
+  (d) E=16 vs E=2 at k=2                                                  target <= 1.15
+Models in one comparison see the same inputs and are called in turn, repeat after repeat, so
+drift in machine load hits them alike; times are medians.
+
+    python bench.py --quick                 # CPU, small batch, few repeats
+    python bench.py --device cuda --json
+"""
+
+import argparse
+import copy
+import functools
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+from data import MixedBatchSampler, MixedDataset, collate
+from encoder import CLIP, ViT
+from lora_moe import LoRAMoELinear, add_lora_moe
+from tokenizers import TOKENIZERS, farthest_point_sampling
+from world import SyntheticDataset
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_times(calls, repeats, device):
+    """{name: call} -> {name: median seconds}, the calls interleaved (one of each per repeat, the
+    order rotated every repeat) after one warm-up call each."""
+    for call in calls.values():
+        call()
+    names, times = list(calls), {name: [] for name in calls}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            calls[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def row(measurement, times, numerator, denominator, target):
+    """One line of a section's table: the ratio times[numerator] / times[denominator] vs its target."""
+    ratio = times[numerator] / times[denominator]
+    bound, limit = target.split()
+    return {"measurement": measurement, "ms": [1000 * times[numerator], 1000 * times[denominator]],
+            "ratio": ratio, "target": target, "met": ratio <= float(limit) if bound == "<=" else ratio >= float(limit)}
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA-MoE overhead
+# ----------------------------------------------------------------------------------------------
+
+class LoopLoRAMoELinear(LoRAMoELinear):
+    """The baseline for (b): the same parameters, each expert computed densely for all tokens in a
+    Python loop and weighted by its gate."""
+
+    def add_expert_update(self, y, x, gates):
+        A = rearrange(self.lora_A, "(e r) i -> e r i", e=self.experts)
+        B = rearrange(self.lora_B, "o (e r) -> e o r", e=self.experts)
+        for e in range(self.experts):
+            y = y + self.scaling * gates[..., e, None].to(x.dtype) * F.linear(F.linear(x, A[e]), B[e])
+        return y
+
+
+def vit_b16(device):
+    torch.manual_seed(0)
+    return ViT(image_resolution=224, patch_size=16, width=768, layers=12, heads=12,
+               output_dim=512).to(device).requires_grad_(False)
+
+
+def adapted(vit, experts, top_k=2):
+    """A copy of `vit` with LoRA-MoE (r=8) in all four linears, routing "audio"; B made nonzero."""
+    vit = copy.deepcopy(vit)
+    for adapter in add_lora_moe(vit.transformer.resblocks, ["audio"], experts=experts, top_k=top_k):
+        adapter.modality = "audio"
+        torch.nn.init.normal_(adapter.lora_B, std=1e-3)
+    return vit
+
+
+def tokens(batch, device):
+    """(B, 196, 768) patch tokens; with the class token the encoder sees 197."""
+    return torch.randn(batch, 196, 768, device=device, requires_grad=True)
+
+
+def training_step(vit, x):
+    """forward + backward; x requires grad, so the frozen path's backward runs as well."""
+    vit.zero_grad(set_to_none=True)
+    x.grad = None
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        loss = vit.encode_tokens(x).float().square().mean()
+    loss.backward()
+
+
+def inference(vit, x):
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        vit.encode_tokens(x)
+
+
+def adapter_overhead(device, batch, repeats):
+    """(a) step time with LoRA-MoE E=4, r=8, k=2 over the frozen ViT's."""
+    frozen = vit_b16(device)
+    models, x = {"frozen": frozen, "moe": adapted(frozen, experts=4)}, tokens(batch, device)
+    times = median_times({name: lambda m=m: training_step(m, x) for name, m in models.items()}, repeats, device)
+    return row("(a) step, E=4 r=8 k=2 / no adapters", times, "moe", "frozen", "<= 1.3")
+
+
+def loop_baseline_speedup(device, batch, repeats):
+    """(b) at E=8, k=2: the loop-over-experts baseline's step time over lora_moe.py's."""
+    moe = adapted(vit_b16(device), experts=8)
+    loop = copy.deepcopy(moe)
+    for module in loop.modules():
+        if isinstance(module, LoRAMoELinear):  # same parameters, only the expert sum computed differently
+            module.__class__ = LoopLoRAMoELinear
+    x = tokens(batch, device)
+    with torch.no_grad():  # the baseline computes the same function
+        torch.testing.assert_close(loop.encode_tokens(x), moe.encode_tokens(x), rtol=1e-4, atol=1e-4)
+    times = median_times({"moe": lambda: training_step(moe, x), "loop": lambda: training_step(loop, x)},
+                         repeats, device)
+    return row("(b) step at E=8: loop over experts / lora_moe.py", times, "loop", "moe", ">= 1.5")
+
+
+def merged_inference(device, batch, repeats):
+    """(c) inference without grad: merged adapters (E=4, k=2) over the frozen ViT."""
+    frozen = vit_b16(device)
+    merged, x = adapted(frozen, experts=4), tokens(batch, device)
+    with torch.no_grad():
+        merged.encode_tokens(x)  # training mode: the gate statistics merge() needs
+    for module in merged.modules():
+        if isinstance(module, LoRAMoELinear):
+            module.merge("audio")
+    frozen.eval()
+    merged.eval()
+    times = median_times({"frozen": lambda: inference(frozen, x), "merged": lambda: inference(merged, x)},
+                         repeats, device)
+    return row("(c) inference: merged / frozen", times, "merged", "frozen", "<= 1.05")
+
+
+def expert_scaling(device, batch, repeats):
+    """(d) step time at E=16 over E=2, both k=2, r=8."""
+    frozen = vit_b16(device)
+    models, x = {"E2": adapted(frozen, experts=2), "E16": adapted(frozen, experts=16)}, tokens(batch, device)
+    times = median_times({name: lambda m=m: training_step(m, x) for name, m in models.items()}, repeats, device)
+    return row("(d) step: E=16 / E=2 (k=2)", times, "E16", "E2", "<= 1.15")
+
+
+def lora_moe_overhead(device, batch, repeats):
+    return [measure(device, batch, repeats)
+            for measure in (adapter_overhead, loop_baseline_speedup, merged_inference, expert_scaling)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The UniAlign training step: time split, data wait, FLOPs utilisation, memory
+# ----------------------------------------------------------------------------------------------
+
+# dense bf16 tensor-core peaks (FLOP/s) of the chips we report MFU for
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+CONFIGS = {
+    # the default recipe's sizes (train.py's default preset) on random frozen weights
+    "default": dict(clip=dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=8,
+                              vision_heads=4, context_length=24, vocab_size=800, transformer_width=64,
+                              transformer_heads=4, transformer_layers=3),
+                    modalities=train.EXTENDED, world=dict(image_size=32)),
+    # ViT-B/16 shapes; image-shaped extended modalities at 224 x 224 (196 tokens + class token each)
+    "vit_b16": dict(clip=dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                              vision_patch_size=16, vision_heads=12, context_length=77, vocab_size=49408,
+                              transformer_width=512, transformer_heads=8, transformer_layers=12),
+                    modalities=["depth", "tactile"], world=dict(image_size=224)),
+}
+
+
+@functools.lru_cache
+def world(modality, size, image_size):
+    """A synthetic dataset at train.py's default sizes, generated once per bench run."""
+    return SyntheticDataset(modality, "train", size, image_size=image_size)
+
+
+def unialign_step_setup(name, device, batch):
+    """(model, loss, optimizer, loader) of the UniAlign stage as train.py builds them, for one CONFIGS entry."""
+    config = CONFIGS[name]
+    args = train.get_args(["--batch-size", str(batch), "--image-size", str(config["world"]["image_size"])])
+    torch.manual_seed(0)
+    clip = CLIP(**config["clip"]).to(device).requires_grad_(False).eval()
+    sets = {m: world(m, max(batch, 64), args.image_size) for m in config["modalities"]}
+    ctx = {"device": device.type, "rank": 0, "world_size": 1}
+    model, _ = train.make_model(clip, config["modalities"], sets, args, ctx, args.experts, args.top_k)
+    for adapter in model.adapters:  # as after some training: B != 0, so every expert's work is real
+        torch.nn.init.normal_(adapter.lora_B, std=1e-3)
+    texts = {t for ds in sets.values() for t in ds.captions}
+    text_of = dict(zip(sorted(texts), F.normalize(torch.randn(len(texts), clip.visual.output_dim, device=device), dim=-1)))
+    loss = train.unialign_objective(model, clip, lambda ts: torch.stack([text_of[t] for t in ts]), args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sampler = MixedBatchSampler([len(d) for d in sets.values()], batch, args.alpha_sampling)
+    loader = torch.utils.data.DataLoader(MixedDataset(list(sets.values())), batch_sampler=sampler, collate_fn=collate,
+                                         pin_memory=device.type == "cuda")
+    return model.train(), loss, torch.optim.AdamW(params, lr=1e-4), iter(loader)
+
+
+def step_breakdown(name, device, batch, repeats, precision, compiled=False):
+    """Median seconds of data (waiting for the next batch), forward (+ losses), backward and optimizer,
+    samples/s, the FLOPs of one step counted by torch's FlopCounterMode, and MFU on a known GPU."""
+    model, loss, optimizer, batches = unialign_step_setup(name, device, batch)
+    forward = torch.compile(model) if compiled else model
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    phases = {k: [] for k in ("data", "forward", "backward", "optimizer")}
+
+    def step(record=True, net=forward):
+        marks = [time.perf_counter()]
+        b = train.to_device(next(batches), device)
+        for phase in range(3):
+            synchronize(device)
+            marks.append(time.perf_counter())
+            if phase == 0:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    value = loss(net, b)[0]
+            elif phase == 1:
+                scaler.scale(value).backward()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        marks.append(time.perf_counter())
+        if record:
+            for k, (t0, t1) in zip(phases, zip(marks, marks[1:])):
+                phases[k].append(t1 - t0)
+
+    for _ in range(3 if compiled else 1):
+        step(record=False)
+    with FlopCounterMode(display=False) as counter:  # counted on the eager model: the same FLOPs
+        step(record=False, net=model)
+    for _ in range(repeats):
+        step()
+    times = {k: statistics.median(v) for k, v in phases.items()}
+    total = sum(times.values())
+    flops = counter.get_total_flops()
+    chip = next((k for k in PEAK_BF16 if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    return {"config": name, "batch": batch, "precision": precision, "compiled": compiled,
+            "ms": {k: 1000 * v for k, v in times.items()}, "samples_per_s": batch / total,
+            "tflop_per_step": flops / 1e12, "achieved_tflops": flops / total / 1e12,
+            "mfu": flops / total / PEAK_BF16[chip] if chip and precision == "bf16" else None}
+
+
+def activation_memory(name, device, batches, checkpointing):
+    """Bytes the autograd graph keeps for backward (saved tensors, each storage once) in one training
+    forward, per batch size; and the step time. With `checkpointing`, the frozen blocks recompute."""
+    rows = []
+    for batch in batches:
+        model, loss, optimizer, loader = unialign_step_setup(name, device, batch)
+        model.clip.visual.transformer.grad_checkpointing = checkpointing
+        b = train.to_device(next(loader), device)
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            value = loss(model, b)[0]
+        start = time.perf_counter()
+        value.backward()
+        synchronize(device)
+        rows.append({"config": name, "batch": batch, "checkpointing": checkpointing,
+                     "saved_mib": sum(seen.values()) / 2 ** 20, "backward_ms": 1000 * (time.perf_counter() - start),
+                     "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference encoding and synthetic data generation
+# ----------------------------------------------------------------------------------------------
+
+def encode_throughput(device, repeats):
+    """Samples/s of `encode` per modality (default configuration, no grad, batch 64), and farthest
+    point sampling + grouping of the point tokenizer at 8,192 points (batch 8, 512 groups, 32 neighbours)."""
+    model, _, _, _ = unialign_step_setup("default", device, 64)
+    model.eval()
+    rows = []
+    for m, tokenizer_input in ((m, SyntheticDataset(m, "test", 64, image_size=32)) for m in CONFIGS["default"]["modalities"]):
+        x = torch.stack([tokenizer_input[i]["input"] for i in range(64)]).to(device)
+        with torch.no_grad():
+            t = median_times({m: lambda: model({m: x})}, repeats, device)[m]
+        rows.append({"modality": m, "samples_per_s": 64 / t})
+    cloud = torch.randn(8, 8192, 3, device=device)
+    tokenizer = TOKENIZERS["point"](torch.zeros(768, 3, 16, 16), points=8192, groups=512, neighbours=32).to(device)
+    with torch.no_grad():
+        times = median_times({"fps": lambda: farthest_point_sampling(cloud, 512), "tokenize": lambda: tokenizer(cloud)},
+                             repeats, device)
+    rows.append({"modality": "point @ 8192 pts: FPS only", "samples_per_s": 8 / times["fps"]})
+    rows.append({"modality": "point @ 8192 pts: whole tokenizer", "samples_per_s": 8 / times["tokenize"]})
+    return rows
+
+
+def generation_rates(size=200):
+    """Synthetic samples generated per second per modality, on one core (world.py, default sizes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    for m in ["image", *train.EXTENDED]:
+        start = time.perf_counter()
+        SyntheticDataset(m, "train", size)
+        rows.append({"modality": m, "samples_per_s": size / (time.perf_counter() - start)})
+    torch.set_num_threads(threads)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def print_table(title, rows):
+    print(f"\n{title}")
+    print(f"{'measurement':<50} {'ms (num / den)':>18} {'ratio':>7} {'target':>8} {'met':>4}")
+    for r in rows:
+        ms = f"{r['ms'][0]:.0f} / {r['ms'][1]:.0f}"
+        print(f"{r['measurement']:<50} {ms:>18} {r['ratio']:>7.3f} {r['target']:>8} {'yes' if r['met'] else 'NO':>4}")
+
+
+def print_rows(title, rows):
+    """Any list of flat-ish dicts as an aligned table."""
+    print(f"\n{title}")
+    flat = [{k: (" ".join(f"{a} {b:.1f}" for a, b in v.items()) if isinstance(v, dict) else
+                 "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)) for k, v in r.items()} for r in rows]
+    widths = {k: max(len(k), *(len(r[k]) for r in flat)) for k in flat[0]}
+    print("  ".join(k.ljust(w) for k, w in widths.items()))
+    for r in flat:
+        print("  ".join(r[k].ljust(w) for k, w in widths.items()))
+
+
+SECTIONS = ["lora_moe", "step", "memory", "encode", "generation"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--quick", action="store_true", help="smaller batch, fewer repeats")
+    parser.add_argument("--batch", type=int, help="LoRA-MoE section: default 64 on GPU, 4 on CPU (16 / 2 with --quick)")
+    parser.add_argument("--step-batch", type=int, help="ViT-B/16 training step: default 256 on GPU, 8 on CPU")
+    parser.add_argument("--repeats", type=int, help="default: 20 on GPU, 7 on CPU (5 / 3 with --quick)")
+    parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run")
+    parser.add_argument("--compile", action="store_true", help="also time the ViT-B/16 step under torch.compile")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if args.quick:
+        batch, repeats = (16, 5) if gpu else (2, 3)
+    else:
+        batch, repeats = (64, 20) if gpu else (4, 7)
+    batch, repeats = args.batch or batch, args.repeats or repeats
+    step_batch = args.step_batch or (256 if gpu else 8)
+
+    setting = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "threads": torch.get_num_threads(),
+               "cpus": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2), "batch": batch, "repeats": repeats,
+               "torch": torch.__version__}
+    results = {"setting": setting}
+    if "lora_moe" in args.only:
+        results["lora_moe_overhead"] = lora_moe_overhead(device, batch, repeats)
+    if "step" in args.only:
+        precisions = ["bf16", "fp16"] if gpu else ["fp32"]
+        results["step"] = [step_breakdown("default", device, 128, repeats, precisions[0])]
+        results["step"] += [step_breakdown("vit_b16", device, step_batch, repeats, p) for p in precisions]
+        if args.compile:
+            results["step"].append(step_breakdown("vit_b16", device, step_batch, repeats, precisions[0], compiled=True))
+    if "memory" in args.only:
+        sizes = [step_batch // 4, step_batch // 2, step_batch]
+        results["memory"] = [row for ckpt in (False, True) for row in activation_memory("vit_b16", device, sizes, ckpt)]
+    if "encode" in args.only:
+        results["encode"] = encode_throughput(device, repeats)
+    if "generation" in args.only:
+        results["generation"] = generation_rates()
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(", ".join(f"{k} {v}" for k, v in setting.items()))
+    if "lora_moe_overhead" in results:
+        print_table("LoRA-MoE overhead (ViT-B/16 shape, 197 tokens; medians)", results["lora_moe_overhead"])
+    titles = {"step": "UniAlign training step (medians; data = waiting for the next batch)",
+              "memory": "Activation memory of one training step (saved tensors), with and without checkpointing",
+              "encode": "encode() throughput per modality (default configuration, batch 64)",
+              "generation": "Synthetic world: samples generated per second, one core"}
+    for key, title in titles.items():
+        if key in results:
+            print_rows(title, results[key])
+
+
+if __name__ == "__main__":
+    main()
