@@ -40,7 +40,7 @@ from tokenizers import BPETokenizer
 
 PRESETS = {
     # the default recipe: the whole story in minutes on a laptop CPU
-    "default": dict(concepts=10, n_train=800, n_test=300, n_anchor=4000, image_size=32, clip_width=64, clip_layers=4,
+    "default": dict(concepts=10, n_train=2000, n_test=300, n_anchor=4000, image_size=32, clip_width=64, clip_layers=4,
                     clip_heads=4, text_layers=3, embed_dim=64, vocab_size=800, anchor_steps=300, anchor_batch=128,
                     specialist_steps=120, steps=400, batch_size=128, experts=4, rank=8, top_k=2),
     # every stage exercised in tiny sizes: the test suite runs this
@@ -59,8 +59,9 @@ def get_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=PRESETS, default="default", help="size of everything (default: %(default)s)")
     g.add_argument("--out", default="out", help="run folder: stages, checkpoint, log, metrics (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=0, help="synthetic world, initialisation and batch order")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="default: cuda when available")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="autocast dtype; fp16 adds a gradient scaler (default: %(default)s)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader workers (real data)")
@@ -107,7 +108,7 @@ def get_args(argv=None):
     g.add_argument("--steps", type=int, help="optimizer steps of the UniAlign stage")
     g.add_argument("--batch-size", type=int, help="samples per optimizer step and process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size is split)")
-    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (specialists and UniAlign)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup", type=int, default=20, help="linear warm-up steps before the cosine decay")
     g.add_argument("--grad-clip", type=float, default=1.0)
