@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
-from lora_moe import TARGETS, add_lora_moe, routed
+from lora_moe import TARGETS, add_lora_moe, routed, routing_context_fn
 from tokenizers import TOKENIZERS
 
 
@@ -97,13 +97,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.width, self.layers = width, layers
         self.grad_checkpointing = False
+        self.recompute_context = noop_context_fn  # what the recomputation in backward runs under (UniAlign's routing)
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, quick_gelu)
                                          for _ in range(layers)])
 
     def forward(self, x):  # (B, L, W)
         for block in self.resblocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False, context_fn=self.recompute_context)
             else:
                 x = block(x)
         return x
@@ -303,6 +304,9 @@ class UniAlign(nn.Module):
         """{modality: batch} (text as token ids) -> {modality: (B, D) L2-normalised embeddings}."""
         out, self.router_stats = {}, {}
         for m, x in inputs.items():
+            # with grad checkpointing, the blocks recompute in backward, after `routed` has exited
+            self.clip.visual.transformer.recompute_context = routing_context_fn(
+                self.adapters, m if m in self.tokenizers else None)
             if m == "image":
                 z = self.clip.encode_image(x)
             elif m == "text":

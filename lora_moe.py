@@ -26,7 +26,7 @@ What differs from loralib and the paper:
   otherwise.
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -195,3 +195,9 @@ def routed(adapters, modality):
     finally:
         for adapter, m in zip(adapters, previous):
             adapter.modality = m
+
+
+def routing_context_fn(adapters, modality):
+    """A `context_fn` for torch.utils.checkpoint: the recomputation in backward routes the adapters
+    for `modality`, as the forward did, whatever they are set to by then."""
+    return lambda: (nullcontext(), routed(adapters, modality))

@@ -259,3 +259,16 @@ def test_router_statistics_per_modality_feed_the_balance_term():
     for stats in model.router_stats.values():
         assert len(stats) == 2 * 4  # blocks x targets
         assert all(torch.allclose(s["f"].sum(), torch.tensor(1.0)) and s["P"].requires_grad for s in stats)
+
+
+def test_unialign_grad_checkpointing_recomputes_with_the_same_routing():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_unialign(grad_checkpointing=checkpointing)
+        with torch.no_grad():
+            for adapter in model.adapters:
+                adapter.lora_B.normal_()
+        sum(z.sum() * (k + 1) for k, z in enumerate(model(unialign_batch()).values())).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, msg=name)
