@@ -1,17 +1,25 @@
-"""Benchmarks: each section times the real modules side by side and prints ratios (never asserts).
+"""Benchmarks: each section times the real modules side by side and prints numbers (never asserts).
 
-Section "LoRA-MoE overhead" (lora_moe.py, METHOD.md section 1, Eq. 1-2): a ViT-B/16-shaped
-encoder (width 768, 12 layers, 12 heads, 197 tokens), forward + backward with the input tokens
-requiring grad (so the frozen path's backward runs, as it does under the tokenizers):
-  (a) LoRA-MoE E=4, r=8, k=2 in all four linears vs no adapters          target <= 1.3
-  (b) at E=8: a loop over experts (the baseline below) vs lora_moe.py     target >= 1.5
-  (c) merged adapters vs the frozen ViT, inference without grad           target <= 1.05
-  (d) E=16 vs E=2 at k=2                                                  target <= 1.15
+Sections (`--only` picks some):
+- lora_moe: a ViT-B/16-shaped encoder (width 768, 12 layers, 12 heads, 197 tokens), forward +
+  backward with the input tokens requiring grad (so the frozen path's backward runs, as it does
+  under the tokenizers):
+    (a) LoRA-MoE E=4, r=8, k=2 in all four linears vs no adapters          target <= 1.3
+    (b) at E=8: a loop over experts (the baseline below) vs lora_moe.py     target >= 1.5
+    (c) merged adapters vs the frozen ViT, inference without grad           target <= 1.05
+    (d) E=16 vs E=2 at k=2                                                  target <= 1.15
+- step: the UniAlign training step as train.py runs it (default recipe, and ViT-B/16 shapes on
+  random frozen weights), split into data wait, forward + losses, backward and optimizer;
+  FLOPs counted by torch's FlopCounterMode, and MFU against the chip's dense bf16 peak on a GPU.
+- memory: the bytes autograd keeps for backward per batch size, with and without checkpointing
+  of the frozen blocks, and its cost in backward time (plus CUDA's peak on a GPU).
+- encode: encode() samples/s per modality, and the point tokenizer at 8,192 points.
+- generation: synthetic samples generated per second per modality, on one core.
 Models in one comparison see the same inputs and are called in turn, repeat after repeat, so
 drift in machine load hits them alike; times are medians.
 
-    python bench.py --quick                 # CPU, small batch, few repeats
-    python bench.py --device cuda --json
+    python bench.py --threads 1             # CPU
+    python bench.py --device cuda --compile # GPU: bf16 and fp16 steps at batch 256, and torch.compile
 """
 
 import argparse
