@@ -449,7 +449,7 @@ def main(argv=None):
     modalities = [m for m in EXTENDED if m in train_sets]
     if not args.clip and "image" not in train_sets:
         raise SystemExit("--data without --clip needs an image manifest to pre-train the anchor CLIP on")
-    ctx["print"](f"datasets: " + ", ".join(f"{m} {len(d)}" for m, d in train_sets.items()) + f" ({time.time() - t0:.1f}s)")
+    ctx["print"]("datasets: " + ", ".join(f"{m} {len(d)}" for m, d in train_sets.items()) + f" ({time.time() - t0:.1f}s)")
 
     clip, bpe = anchor_stage(args, ctx, train_sets)
     text_of = TextCache(clip, bpe, ctx["device"], [c for m in modalities for c in train_sets[m].captions])
