@@ -574,8 +574,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         if self.split is not None and record.get("split") != self.split:
             return None
         modality = record.get("modality")
-        if modality not in LOADERS:
-            raise self.error(line_no, f"unknown modality {modality!r}; expected one of {sorted(LOADERS)}")
+        if modality not in READERS:
+            raise self.error(line_no, f"unknown modality {modality!r}; expected one of {sorted(READERS)}")
         if self.modality not in (None, modality):
             raise self.error(line_no, f"modality '{modality}' in a manifest of '{self.modality}': "
                                       "one modality per manifest")
@@ -600,7 +600,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         """entry -> (input, anchor image or None, prior or None); any read problem becomes a SampleError."""
         file = entry["path"]
         try:
-            x = LOADERS[entry["modality"]](self, file)
+            x = PREPROCESS[entry["modality"]](self, READERS[entry["modality"]](self, file))
             if not torch.isfinite(x).all():
                 raise ValueError("preprocessing produced NaN or inf")
             file = entry["anchor_image"]
@@ -622,27 +622,36 @@ class ManifestDataset(torch.utils.data.Dataset):
                 "label": -1 if label is None else self.class_index[label], "anchor_image": anchor, "prior": prior}
 
 
-def load_points(ds, file):
-    arr = read_point_array(file)
+def preprocess_points(ds, arr):
     if arr.shape[1] < ds.point_channels:
         raise ValueError(f"point cloud has {arr.shape[1]} channels, {ds.point_channels} configured")
     return normalize_points(arr[:, : ds.point_channels], ds.points, ds.seed)
 
 
-def load_video(ds, file):
-    return torch.stack([normalize_image(frame, ds.image_size) for frame in read_video_frames(file, ds.frames)])
+# modality -> (dataset, file) -> the raw signal: RGB image, frames, depth in metres, 16 kHz
+# waveform, points, time series. Synthetic samples (world.py) are generated in this form.
+READERS = {
+    "image": lambda ds, file: read_image(file),
+    "tactile": lambda ds, file: read_image(file),
+    "depth": lambda ds, file: read_depth_metres(file),
+    "video": lambda ds, file: read_video_frames(file, ds.frames),
+    "audio": lambda ds, file: read_audio(file, ds.audio_seconds),
+    "point": lambda ds, file: read_point_array(file),
+    "imu": lambda ds, file: read_series(file),
+    "eeg": lambda ds, file: read_series(file),
+}
 
-
-# modality -> (dataset, file) -> sample tensor. Adding a modality = one reader + one entry here.
-LOADERS = {
-    "image": lambda ds, file: normalize_image(read_image(file), ds.image_size),
-    "tactile": lambda ds, file: normalize_image(read_image(file), ds.image_size),
-    "depth": lambda ds, file: resize_center_crop(disparity(read_depth_metres(file)), ds.image_size),
-    "video": load_video,
-    "audio": lambda ds, file: log_mel(read_audio(file, ds.audio_seconds), ds.audio_seconds),
-    "point": load_points,
-    "imu": lambda ds, file: normalize_series(read_series(file), *ds.series_shape["imu"]),
-    "eeg": lambda ds, file: normalize_series(read_series(file), *ds.series_shape["eeg"]),
+# modality -> (dataset, raw signal) -> the tensor its tokenizer takes; shared by real and synthetic
+# data. Adding a modality = one reader, one entry here and one in READERS.
+PREPROCESS = {
+    "image": lambda ds, x: normalize_image(x, ds.image_size),
+    "tactile": lambda ds, x: normalize_image(x, ds.image_size),
+    "depth": lambda ds, x: resize_center_crop(disparity(x), ds.image_size),
+    "video": lambda ds, x: torch.stack([normalize_image(frame, ds.image_size) for frame in x]),
+    "audio": lambda ds, x: log_mel(x, ds.audio_seconds),
+    "point": preprocess_points,
+    "imu": lambda ds, x: normalize_series(x, *ds.series_shape["imu"]),
+    "eeg": lambda ds, x: normalize_series(x, *ds.series_shape["eeg"]),
 }
 
 

@@ -5,7 +5,8 @@ sound, motion and neural response, all drawn per seed. A sample is generated fro
 nuisances (pose, scale, proportions, lighting, clutter, noise, pitch and timing jitter) as the raw
 signal a real file would hold: an RGB render, a depth map in metres, surface points, a waveform,
 a 6-axis IMU trace, an EEG recording. It then goes through data.py's own preprocessing
-(`PREPROCESS` mirrors `data.LOADERS`), so synthetic and real samples share one path.
+(`data.PREPROCESS`, as for a file that `data.READERS` read), so synthetic and real samples share
+one path.
 
 Top to bottom: the shapes (signed distances), the concepts (`World`), the sphere tracer that
 renders image, depth and video frames, one raw generator per modality, `SyntheticDataset`, and
@@ -20,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from data import PROMPTS, SAMPLE_RATE, disparity, log_mel, normalize_image, normalize_points, normalize_series, \
-    resize_center_crop
+from data import PREPROCESS, PROMPTS, SAMPLE_RATE, normalize_image
 
 # ----------------------------------------------------------------------------------------------
 # 1. Shapes: signed distance (or a bound on it) in the object's unit frame, p (..., 3) -> (...)
@@ -394,19 +394,6 @@ def gen_eeg(ds, rngs, k):
 GENERATORS = {"image": gen_image, "video": gen_video, "audio": gen_audio, "point": gen_point, "depth": gen_depth,
               "tactile": gen_tactile, "imu": gen_imu, "eeg": gen_eeg}
 
-# raw signal -> model input, exactly as data.LOADERS treats the same signal read from a file
-PREPROCESS = {
-    "image": lambda ds, x: normalize_image(x, ds.image_size),
-    "tactile": lambda ds, x: normalize_image(x, ds.image_size),
-    "depth": lambda ds, x: resize_center_crop(disparity(x), ds.image_size),
-    "video": lambda ds, x: torch.stack([normalize_image(frame, ds.image_size) for frame in x]),
-    "audio": lambda ds, x: log_mel(x, ds.audio_seconds),
-    "point": lambda ds, x: normalize_points(x, ds.points, ds.seed),
-    "imu": lambda ds, x: normalize_series(x, 6, ds.imu_length),
-    "eeg": lambda ds, x: normalize_series(x, ds.eeg_channels, ds.eeg_length),
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # 5. The dataset and the raw-input baseline
 # ----------------------------------------------------------------------------------------------
@@ -434,6 +421,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.image_size, self.frames, self.audio_seconds = image_size, frames, audio_seconds
         self.points, self.point_channels = points, point_channels
         self.imu_length, self.eeg_channels, self.eeg_length = imu_length, eeg_channels, eeg_length
+        self.series_shape = {"imu": (6, imu_length), "eeg": (eeg_channels, eeg_length)}  # as data.ManifestDataset
         drop = set(held_out) if split == "train" and modality != "image" else set()
         kept = [k for k, name in enumerate(self.class_names) if name not in drop]
         if not kept:
