@@ -38,8 +38,8 @@ EXTENDED = ["video", "audio", "point", "depth", "tactile", "imu", "eeg"]
 
 # ----------------------------------------------------------------------------- what train.py shares
 
-def build_datasets(config, split):
-    """{modality: dataset} of a split: the manifests of --data, else the synthetic world (image + extended)."""
+def build_datasets(config, split, modalities=("image", *EXTENDED)):
+    """{modality: dataset} of a split: the manifests of --data, else the synthetic world (`modalities` of it)."""
     sizes = dict(image_size=config["image_size"], frames=config["frames"], audio_seconds=config["audio_seconds"],
                  points=config["points"], point_channels=config["point_channels"], imu_length=config["imu_length"],
                  eeg_channels=config["eeg_channels"], eeg_length=config["eeg_length"])
@@ -54,7 +54,7 @@ def build_datasets(config, split):
     size = {"train": config["n_train"], "test": config["n_test"]}[split]
     anchor_size = config["n_anchor"] if split == "train" else size  # the image-text set pre-trains the anchor
     return {m: SyntheticDataset(m, split, anchor_size if m == "image" else size, concepts=config["concepts"],
-                                seed=config["seed"], held_out=config["held_out"], **sizes) for m in ["image", *EXTENDED]}
+                                seed=config["seed"], held_out=config["held_out"], **sizes) for m in modalities}
 
 
 def load_anchor(config):
@@ -267,7 +267,8 @@ def evaluate(out, device="cpu"):
     clip, bpe = load_anchor(config)
     clip = clip.to(device).eval()
     model, _ = load_model(ckpt_path, clip, device)
-    tests, trains = build_datasets(config, "test"), build_datasets(config, "train")
+    tests = build_datasets(config, "test")
+    trains = build_datasets(config, "train", EXTENDED)  # for the raw baseline; not the anchor's image-text set
     modalities = model.modalities
     metrics = {"unialign": {"zero_shot_top1": {}, "zero_shot_top5": {}, "map": {}, "retrieval": {},
                             "trainable_params": model.count_trainable()["total"],
