@@ -1,271 +1,25 @@
-"""Encoder: the frozen CLIP of METHOD.md section 1 ("Frozen CLIP") and the universal encoder.
+"""The universal encoder of docs/method.md section 1: every modality through one frozen CLIP ViT.
 
-Top to bottom:
-1. CLIP, written from scratch in OpenAI's layout: `CLIP(...).state_dict()` has exactly the keys
-   of OpenAI's released ViT checkpoints, so real weights load unchanged. The ViT exposes
-   `encode_tokens`, the entry point for tokens of any modality; each block calls its four
-   frozen linears as `attn.in_proj`, `attn.out_proj`, `mlp.c_fc`, `mlp.c_proj`, the points
-   where lora_moe.py puts its experts (Eq. 1-2).
-2. `clip_from_openai_state_dict` and `load_openai_clip`: configuration inferred from tensor
-   shapes, as OpenAI's `build_model` does.
-3. `UniAlign`: the frozen CLIP, one tokenizer per extended modality and the LoRA-MoE experts
-   inside the frozen ViT blocks; `z = normalize(UniAlign(x, m))` of METHOD.md section 2.
+`UniAlign` holds the frozen CLIP (clip.py), one tokenizer per extended modality (tokenizers.py,
+chosen by modalities.py) and the LoRA-MoE experts inside the frozen ViT blocks (lora_moe.py,
+Eq. 1-2): z = normalize(UniAlign(x, m)). Below it, what every script needs to use a run: the
+anchor CLIP with its BPE, the frozen text tower on captions, and a trained model from its
+checkpoint.
 """
 
-import math
-import warnings
-from collections import OrderedDict
-from pathlib import Path
+import copy
+import os
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
 from torch import nn
-from torch.utils.checkpoint import checkpoint, noop_context_fn
 
+from bpe import BPETokenizer
+from checkpoint import load_checkpoint
+from clip import CLIP, load_openai_clip
 from lora_moe import TARGETS, add_lora_moe, routed, routing_context_fn
-from tokenizers import TOKENIZERS
+from modalities import MODALITIES
 
-
-# ----------------------------------------------------------------------------------------------
-# 1. CLIP in OpenAI's layout
-# ----------------------------------------------------------------------------------------------
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32, returned in the input's dtype (safe under fp16/bf16)."""
-
-    def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
-
-
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIPs were trained with."""
-
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with nn.MultiheadAttention's parameter names (OpenAI's keys).
-
-    `self.in_proj` is a plain function in the instance's __dict__, not a method: assigning a
-    module to it later (lora_moe.py) replaces it, while a bare model keeps OpenAI's state dict.
-    """
-
-    def __init__(self, width, heads, causal=False):
-        super().__init__()
-        self.heads, self.causal = heads, causal
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's defaults
-        nn.init.zeros_(self.out_proj.bias)
-        self.in_proj = self.fused_qkv
-
-    def fused_qkv(self, x):
-        return F.linear(x, self.in_proj_weight, self.in_proj_bias)
-
-    def forward(self, x):  # (B, L, W)
-        q, k, v = rearrange(self.in_proj(x), "b l (qkv h d) -> qkv b h l d", qkv=3, h=self.heads).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out_proj(rearrange(x, "b h l d -> b l (h d)"))
-
-
-class ResidualAttentionBlock(nn.Module):
-    """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) with a 4x wide MLP."""
-
-    def __init__(self, width, heads, causal=False, quick_gelu=True):
-        super().__init__()
-        self.attn = Attention(width, heads, causal)
-        self.ln_1 = LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, 4 * width)),
-            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(4 * width, width)),
-        ]))
-        self.ln_2 = LayerNorm(width)
-
-    def forward(self, x):  # (B, L, W)
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    """A stack of blocks; with `grad_checkpointing` each block recomputes its activations in backward."""
-
-    def __init__(self, width, layers, heads, causal=False, quick_gelu=True):
-        super().__init__()
-        self.width, self.layers = width, layers
-        self.grad_checkpointing = False
-        self.recompute_context = noop_context_fn  # what the recomputation in backward runs under (UniAlign's routing)
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, quick_gelu)
-                                         for _ in range(layers)])
-
-    def forward(self, x):  # (B, L, W)
-        for block in self.resblocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False, context_fn=self.recompute_context)
-            else:
-                x = block(x)
-        return x
-
-
-class ViT(nn.Module):
-    """CLIP's image tower f_I: patch conv, class token, transformer, ln_post, projection."""
-
-    def __init__(self, image_resolution, patch_size, width, layers, heads, output_dim, quick_gelu=True):
-        super().__init__()
-        self.image_resolution, self.output_dim = image_resolution, output_dim
-        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
-        scale = width ** -0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((image_resolution // patch_size) ** 2 + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, quick_gelu=quick_gelu)
-        self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
-
-    def encode_tokens(self, tokens):
-        """(B, L, width) tokens that already carry their positional embedding -> (B, output_dim).
-
-        The class token (with position 0) goes in front; its output after `ln_post` is projected.
-        """
-        cls = self.class_embedding + self.positional_embedding[0]
-        x = torch.cat([repeat(cls.to(tokens.dtype), "d -> b 1 d", b=tokens.shape[0]), tokens], dim=1)  # (B, 1 + L, W)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
-
-    def forward(self, images):  # (B, 3, H, W)
-        x = rearrange(self.conv1(images), "b d gh gw -> b (gh gw) d")
-        return self.encode_tokens(x + self.positional_embedding[1:].to(x.dtype))
-
-
-class CLIP(nn.Module):
-    """OpenAI's ViT CLIP. The text tower f_T (token and positional embeddings, causal transformer,
-    ln_final, text_projection) lives at the top level, where OpenAI's checkpoints keep it."""
-
-    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, vision_heads,
-                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
-                 quick_gelu=True):
-        super().__init__()
-        self.context_length, self.vocab_size = context_length, vocab_size
-        self.visual = ViT(image_resolution, vision_patch_size, vision_width, vision_layers, vision_heads,
-                          embed_dim, quick_gelu)
-        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
-        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True,
-                                       quick_gelu=quick_gelu)
-        self.ln_final = LayerNorm(transformer_width)
-        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.initialize_parameters()
-
-    def initialize_parameters(self):
-        """OpenAI's text-tower initialisation: GPT-2-like, output projections scaled by depth."""
-        width, layers = self.transformer.width, self.transformer.layers
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        for block in self.transformer.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
-            nn.init.normal_(block.attn.out_proj.weight, std=(2 * layers * width) ** -0.5)
-            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
-            nn.init.normal_(block.mlp.c_proj.weight, std=(2 * layers * width) ** -0.5)
-        nn.init.normal_(self.text_projection, std=width ** -0.5)
-
-    @property
-    def dtype(self):
-        return self.visual.conv1.weight.dtype
-
-    def encode_image(self, images):  # (B, 3, H, W) -> (B, embed_dim), unnormalised
-        return self.visual(images.to(self.dtype))
-
-    def encode_text(self, ids):
-        """(B, L) token ids -> (B, embed_dim), unnormalised: the causal transformer's output at the
-        end-of-text token, which has the largest id in each row (hence `argmax`)."""
-        x = self.token_embedding(ids) + self.positional_embedding[:ids.shape[1]]  # (B, L, W)
-        x = self.ln_final(self.transformer(x.to(self.dtype)))
-        return x[torch.arange(x.shape[0]), ids.argmax(-1)] @ self.text_projection
-
-    def forward(self, images, ids):
-        """-> (logits_per_image (B_i, B_t), logits_per_text (B_t, B_i)): scaled cosine similarities."""
-        image_features = F.normalize(self.encode_image(images), dim=-1)
-        text_features = F.normalize(self.encode_text(ids), dim=-1)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
-        return logits_per_image, logits_per_image.t()
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Loading OpenAI-format checkpoints
-# ----------------------------------------------------------------------------------------------
-
-def _layer_count(state_dict, prefix):
-    indices = {int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
-
-
-def clip_from_openai_state_dict(state_dict):
-    """OpenAI-format state dict -> float32 `CLIP`, its configuration inferred from the shapes.
-
-    Head counts are not stored in a checkpoint: as in OpenAI's models, one head per 64 channels
-    (at least one). OpenAI's int entries `input_resolution`, `context_length`, `vocab_size` are ignored.
-    """
-    state_dict = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-    if "visual.proj" not in state_dict and any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state_dict):
-        raise ValueError("this is a ResNet CLIP checkpoint (no visual.proj); only ViT CLIPs are supported")
-    shape_keys = ["visual.conv1.weight", "visual.positional_embedding", "token_embedding.weight",
-                  "positional_embedding", "text_projection"]
-    if any(k not in state_dict for k in shape_keys):
-        raise KeyError(f"not an OpenAI ViT CLIP state dict: missing {[k for k in shape_keys if k not in state_dict]}")
-
-    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
-    grid = math.isqrt(state_dict["visual.positional_embedding"].shape[0] - 1)
-    vocab_size, text_width = state_dict["token_embedding.weight"].shape
-    model = CLIP(
-        embed_dim=state_dict["text_projection"].shape[1],
-        image_resolution=grid * patch_size,
-        vision_layers=_layer_count(state_dict, "visual.transformer.resblocks."),
-        vision_width=vision_width, vision_patch_size=patch_size, vision_heads=max(vision_width // 64, 1),
-        context_length=state_dict["positional_embedding"].shape[0], vocab_size=vocab_size,
-        transformer_width=text_width, transformer_heads=max(text_width // 64, 1),
-        transformer_layers=_layer_count(state_dict, "transformer.resblocks."),
-    )
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        raise KeyError(f"state dict does not match an OpenAI ViT CLIP: missing keys {missing}, "
-                       f"unexpected keys {unexpected}")
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
-    return model
-
-
-def load_openai_clip(path):
-    """A TorchScript archive (how OpenAI distributes CLIP) or a plain state-dict file -> float32 `CLIP`.
-
-    A plain file may also hold the state dict under the key "state_dict".
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
-    try:
-        with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format OpenAI released
-            warnings.simplefilter("ignore", DeprecationWarning)
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
-    except Exception:
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"cannot read CLIP checkpoint {path}: neither a TorchScript archive nor a "
-                             f"state-dict file ({type(error).__name__}: {error})") from error
-    if isinstance(state_dict, dict) and "state_dict" in state_dict:
-        state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"CLIP checkpoint {path} holds a {type(state_dict).__name__}, not a state dict")
-    return clip_from_openai_state_dict(state_dict)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. UniAlign: every extended modality through the same frozen ViT (METHOD.md section 1)
-# ----------------------------------------------------------------------------------------------
 
 class UniAlign(nn.Module):
     """One encoder for every modality: z = normalize(UniAlign(x, m)).
@@ -277,20 +31,24 @@ class UniAlign(nn.Module):
     """
 
     def __init__(self, clip, modalities, tokenizer_settings=None, experts=4, rank=8, top_k=2, alpha=16.0,
-                 targets=TARGETS, grad_checkpointing=False):
+                 targets=TARGETS, shared_router=False, grad_checkpointing=False):
         super().__init__()
-        unknown = sorted(set(modalities) - TOKENIZERS.keys())
+        unknown = [m for m in modalities if MODALITIES.get(m) is None or MODALITIES[m].tokenizer is None]
         if unknown:
-            raise ValueError(f"no tokenizer for {unknown}; extended modalities are {sorted(TOKENIZERS)}")
+            raise ValueError(f"no tokenizer for {unknown}; extended modalities are "
+                             f"{[m for m, s in MODALITIES.items() if s.tokenizer]}")
         self.clip = clip.requires_grad_(False).eval()
         self.modalities = list(modalities)
         settings = tokenizer_settings or {}
-        self.tokenizers = nn.ModuleDict({m: TOKENIZERS[m](clip.visual.conv1.weight, **settings.get(m, {}))
+        self.tokenizers = nn.ModuleDict({m: MODALITIES[m].tokenizer(clip.visual.conv1.weight, **settings.get(m, {}))
                                          for m in self.modalities})
         self.adapters = add_lora_moe(clip.visual.transformer.resblocks, self.modalities, targets,
                                      experts, rank, top_k, alpha)  # a plain list: they are registered inside clip
+        if shared_router and experts > 1:  # the ablation of Eq. 2's W_g^(m): one router, whatever the modality
+            for adapter in self.adapters:
+                for m in self.modalities:
+                    adapter.routers[m] = adapter.routers[self.modalities[0]]
         clip.visual.transformer.grad_checkpointing = grad_checkpointing
-        self.router_stats = {}  # modality -> [stats of every adapter] of the last forward (Eq. 3)
 
     def train(self, mode=True):
         """The frozen CLIP stays in eval mode; only the trainable parts switch."""
@@ -300,25 +58,27 @@ class UniAlign(nn.Module):
             adapter.train(mode)
         return self
 
-    def forward(self, inputs):
-        """{modality: batch} (text as token ids) -> {modality: (B, D) L2-normalised embeddings}."""
-        out, self.router_stats = {}, {}
-        for m, x in inputs.items():
-            # with grad checkpointing, the blocks recompute in backward, after `routed` has exited
-            self.clip.visual.transformer.recompute_context = routing_context_fn(
-                self.adapters, m if m in self.tokenizers else None)
-            if m == "image":
-                z = self.clip.encode_image(x)
-            elif m == "text":
-                z = self.clip.encode_text(x)
-            else:
-                with routed(self.adapters, m):
-                    z = self.clip.visual.encode_tokens(self.tokenizers[m](x))
-                self.router_stats[m] = [adapter.stats for adapter in self.adapters]
-            out[m] = F.normalize(z.float(), dim=-1)
-        return out
+    def encode(self, modality, x):
+        """One modality's batch -> ((B, D) L2-normalised embeddings, router statistics).
 
-    encode = forward
+        Router statistics: [{"f", "P"} of every adapter] of this call, for Eq. 3; empty for image
+        and text, which take CLIP's untouched frozen path (text as token ids).
+        """
+        # with grad checkpointing, the blocks recompute in backward, after `routed` has exited
+        self.clip.visual.transformer.recompute_context = routing_context_fn(
+            self.adapters, modality if modality in self.tokenizers else None)
+        if modality == "image":
+            return F.normalize(self.clip.encode_image(x).float(), dim=-1), []
+        if modality == "text":
+            return F.normalize(self.clip.encode_text(x).float(), dim=-1), []
+        with routed(self.adapters, modality):
+            z = self.clip.visual.encode_tokens(self.tokenizers[modality](x))
+        return F.normalize(z.float(), dim=-1), [adapter.stats for adapter in self.adapters]
+
+    def forward(self, inputs):
+        """{modality: batch} -> ({modality: (B, D) embeddings}, {modality: router statistics})."""
+        encoded = {m: self.encode(m, x) for m, x in inputs.items()}
+        return {m: z for m, (z, _) in encoded.items()}, {m: stats for m, (_, stats) in encoded.items() if stats}
 
     def trainable_names(self):
         return {n for n, p in self.named_parameters() if p.requires_grad} | {n for n, _ in self.named_buffers()}
@@ -337,7 +97,7 @@ class UniAlign(nn.Module):
         self.load_state_dict(state, strict=False)
 
     def count_trainable(self):
-        """Trainable parameters by part (METHOD.md section 1: the paper reports 7.8M for its configuration)."""
+        """Trainable parameters by part (the paper reports 7.8M for its configuration)."""
         counts = {"tokenizers": 0, "experts": 0, "routers": 0}
         for name, p in self.named_parameters():
             if p.requires_grad:
@@ -345,3 +105,47 @@ class UniAlign(nn.Module):
                 counts[part] += p.numel()
         counts["total"] = sum(counts.values())
         return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Using a run: the anchor, the text tower, a trained model
+# ----------------------------------------------------------------------------------------------
+
+def load_anchor(config):
+    """The frozen anchor CLIP and its BPE: OpenAI weights (`clip`, `bpe` paths) or the run's own anchor stage."""
+    if config.get("clip"):
+        clip, bpe = load_openai_clip(config["clip"]), BPETokenizer(config["bpe"])
+    else:
+        anchor = load_checkpoint(os.path.join(config["out"], "anchor.pt"))
+        clip, bpe = CLIP(**anchor["config"]), BPETokenizer(os.path.join(config["out"], "bpe.txt.gz"))
+        clip.load_state_dict(anchor["state_dict"])
+    return clip.requires_grad_(False).eval(), bpe
+
+
+@torch.no_grad()
+def encode_texts(clip, bpe, texts, device, chunk=256):
+    """Captions -> (N, D) normalised embeddings from the frozen text tower."""
+    out = []
+    for i in range(0, len(texts), chunk):
+        ids = bpe(texts[i:i + chunk], context_length=clip.context_length, truncate=True).to(device)
+        out.append(F.normalize(clip.encode_text(ids).float(), dim=-1))
+    return torch.cat(out)
+
+
+def load_model(path, clip, device="cpu"):
+    """A UniAlign (or specialist) checkpoint of this repo, built on its own copy of the frozen CLIP."""
+    ckpt = load_checkpoint(path)
+    model = UniAlign(copy.deepcopy(clip), **ckpt["model_args"])
+    model.load_trainable_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+@torch.no_grad()
+def embed(model, dataset, device, chunk=128):
+    """A dataset of one extended modality -> (N, D) normalised embeddings and (N,) labels."""
+    z, labels = [], []
+    for i in range(0, len(dataset), chunk):
+        items = [dataset[k] for k in range(i, min(i + chunk, len(dataset)))]
+        z.append(model.encode(dataset.modality, torch.stack([item["input"] for item in items]).to(device))[0].cpu())
+        labels += [item["label"] for item in items]
+    return torch.cat(z), torch.tensor(labels)

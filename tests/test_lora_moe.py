@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from encoder import ViT
+from clip import ViT
 from lora_moe import LoRAMoELinear, add_lora_moe, routed
 
 MODALITIES = ["audio", "depth"]

@@ -1,0 +1,56 @@
+"""Checkpoint files: whole or refused, never half-written or silently corrupt.
+
+A checkpoint is the SHA-256 of its payload on the first line, then the payload (`torch.save`).
+`save_checkpoint` writes a temporary file, flushes and fsyncs it, renames it over the old one and
+fsyncs the folder, so a kill at any moment leaves either the old file or the new one.
+`load_checkpoint` refuses a truncated, empty or altered file in one line that names it.
+"""
+
+import hashlib
+import io
+import os
+
+import torch
+
+TEMP = ".tmp"  # a temporary file is "<path>.tmp<pid>"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file."""
+
+
+def save_checkpoint(state, path):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    tmp = f"{path}{TEMP}{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load_checkpoint(path):
+    """The state `save_checkpoint` wrote to `path`."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    with open(path, "rb") as f:
+        digest, _, payload = f.read().partition(b"\n")
+    if len(digest) != 64 or hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CheckpointError(f"{path}: checkpoint is damaged (empty, truncated or altered: its checksum does "
+                              f"not match); delete it to redo that stage")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def remove_temp_files(folder):
+    """Delete the temporary files a killed save left in `folder`; returns their names."""
+    stale = [name for name in os.listdir(folder) if TEMP in name and name.split(TEMP)[-1].isdigit()]
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    return stale
