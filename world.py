@@ -1,16 +1,15 @@
-"""The synthetic multimodal world of METHOD.md section 5: C concepts seen through eight modalities.
+"""The synthetic multimodal world of docs/method.md section 5: C concepts seen through eight modalities.
 
 Each concept is a 3D shape (named by it: "sphere", "cube", ...) with its own hue, surface texture,
 sound, motion and neural response, all drawn per seed. A sample is generated from the concept plus
 nuisances (pose, scale, proportions, lighting, clutter, noise, pitch and timing jitter) as the raw
 signal a real file would hold: an RGB render, a depth map in metres, surface points, a waveform,
-a 6-axis IMU trace, an EEG recording. It then goes through data.py's own preprocessing
-(`data.PREPROCESS`, as for a file that `data.READERS` read), so synthetic and real samples share
-one path.
+a 6-axis IMU trace, an EEG recording. data.SyntheticDataset then sends it through the same
+preprocessing as a file read by readers.py, so synthetic and real samples share one path.
 
 Top to bottom: the shapes (signed distances), the concepts (`World`), the sphere tracer that
-renders image, depth and video frames, one raw generator per modality, `SyntheticDataset`, and
-the raw-input nearest-class-mean baseline reported by eval.
+renders image, depth and video frames, and one raw generator per modality,
+`gen_<modality>(world, sizes, rngs, k)` -> (raw signals, raw anchor RGB images or None).
 """
 
 import colorsys
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-from data import PREPROCESS, PROMPTS, SAMPLE_RATE, normalize_image
+from preprocess import SAMPLE_RATE
 
 # ----------------------------------------------------------------------------------------------
 # 1. Shapes: signed distance (or a bound on it) in the object's unit frame, p (..., 3) -> (...)
@@ -260,9 +259,9 @@ def render(shape, s, size):
     return rearrange(rgb, "b (h w) c -> b h w c", h=size), rearrange(t * rays[:, 2], "b (h w) -> b h w", h=size)
 
 
-def render_scenes(ds, k, scenes, noise_rngs):
+def render_scenes(w, sizes, k, scenes, noise_rngs):
     """Rendered RGB (B, H, W, 3) with sensor noise (the scene's level, per-sample noise streams) and depth."""
-    rgb, depth = render(ds.class_names[k], stack(scenes), ds.image_size)
+    rgb, depth = render(w.names[k], stack(scenes), sizes["image_size"])
     noise = np.stack([r.normal(0, s["noise"][0], rgb.shape[1:]) for r, s in zip(noise_rngs, scenes)])
     return (rgb.numpy() + noise).clip(0, 1).astype(np.float32), depth.numpy()
 
@@ -284,46 +283,46 @@ def surface_points(shape, s, rngs, n):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Raw generators: (dataset, per-sample rngs, concept k) -> (raw signals, raw anchor RGB or None)
+# 4. Raw generators: (world, sizes, per-sample rngs, concept k) -> (raw signals, raw anchor RGB or None)
 # ----------------------------------------------------------------------------------------------
 
-def gen_image(ds, rngs, k):
+def gen_image(w, sizes, rngs, k):
     """Renders of the object in its scene, no anchor (the image-text set is the anchor's own data)."""
-    return list(render_scenes(ds, k, [scene(ds.world, k, r) for r in rngs], rngs)[0]), None
+    return list(render_scenes(w, sizes, k, [scene(w, k, r) for r in rngs], rngs)[0]), None
 
 
-def gen_depth(ds, rngs, k):
+def gen_depth(w, sizes, rngs, k):
     """Depth in metres with 1% multiplicative noise and 2% missing pixels (0), and its RGB view."""
-    rgb, depth = render_scenes(ds, k, [scene(ds.world, k, r) for r in rngs], rngs)
+    rgb, depth = render_scenes(w, sizes, k, [scene(w, k, r) for r in rngs], rngs)
     noisy = [z * r.normal(1, 0.01, z.shape) * (r.uniform(size=z.shape) > 0.02) for r, z in zip(rngs, depth)]
     return noisy, list(rgb)
 
 
-def gen_point(ds, rngs, k):
+def gen_point(w, sizes, rngs, k):
     """Surface points (+ normals) with 1 cm noise, and a render of the same posed object."""
-    scenes = [scene(ds.world, k, r) for r in rngs]
-    pts = surface_points(ds.class_names[k], stack(scenes), rngs, ds.points).numpy()
-    pts[..., :3] += np.stack([r.normal(0, 0.01, (ds.points, 3)) for r in rngs])
-    return list(pts[..., :ds.point_channels]), list(render_scenes(ds, k, scenes, rngs)[0])
+    scenes = [scene(w, k, r) for r in rngs]
+    pts = surface_points(w.names[k], stack(scenes), rngs, sizes["points"]).numpy()
+    pts[..., :3] += np.stack([r.normal(0, 0.01, (sizes["points"], 3)) for r in rngs])
+    return list(pts[..., :sizes["point_channels"]]), list(render_scenes(w, sizes, k, scenes, rngs)[0])
 
 
-def gen_video(ds, rngs, k):
+def gen_video(w, sizes, rngs, k):
     """T frames, 0.15 s apart, of the object moving with its concept's motion; the anchor is the middle frame."""
     frames = []
     for r in rngs:
-        s = scene(ds.world, k, r)
-        angle, _, position, _ = ds.world.motion(k, r.uniform(0, 2) + 0.15 * np.arange(ds.frames), r)
-        spin = rotation(ds.world.spin_axis[k], angle - angle[ds.frames // 2])  # (T, 3, 3); the middle frame is posed as an image
-        frames += [dict(s, pose=s["pose"] @ spin[f], centre=s["centre"] + position[f]) for f in range(ds.frames)]
-    rgb = render_scenes(ds, k, frames, [r for r in rngs for _ in range(ds.frames)])[0]
-    video = rearrange(rgb, "(b t) h w c -> b t h w c", t=ds.frames)
-    return list(video), [v[ds.frames // 2] for v in video]
+        s = scene(w, k, r)
+        angle, _, position, _ = w.motion(k, r.uniform(0, 2) + 0.15 * np.arange(sizes["frames"]), r)
+        spin = rotation(w.spin_axis[k], angle - angle[sizes["frames"] // 2])  # (T, 3, 3); the middle frame is posed as an image
+        frames += [dict(s, pose=s["pose"] @ spin[f], centre=s["centre"] + position[f]) for f in range(sizes["frames"])]
+    rgb = render_scenes(w, sizes, k, frames, [r for r in rngs for _ in range(sizes["frames"])])[0]
+    video = rearrange(rgb, "(b t) h w c -> b t h w c", t=sizes["frames"])
+    return list(video), [v[sizes["frames"] // 2] for v in video]
 
 
-def gen_audio(ds, rngs, k):
+def gen_audio(w, sizes, rngs, k):
     """The concept's tone (f0 +-5 semitones, stretched partials, odd-only or all) pulsing at its rhythm
     (random onset, +-7% tempo), at a random level over white noise; an anchor render of the object."""
-    w, n = ds.world, round(ds.audio_seconds * SAMPLE_RATE)
+    n = round(sizes["audio_seconds"] * SAMPLE_RATE)
     t, m = (np.arange(n) / SAMPLE_RATE).astype(np.float32), np.arange(1, 9)
     waves = []
     for r in rngs:
@@ -334,13 +333,13 @@ def gen_audio(ds, rngs, k):
         pulse = (0.5 + 0.5 * np.cos(2 * np.pi * (w.pulse_rate[k] * r.uniform(0.93, 1.07) * t + r.uniform()))) ** 2
         noise = r.normal(0, 10 ** r.uniform(-2.0, -0.7), n)
         waves.append((10 ** r.uniform(-1.3, -0.5) * (tone * pulse / amps.sum() + noise)).astype(np.float32))
-    return waves, list(render_scenes(ds, k, [scene(w, k, r) for r in rngs], rngs)[0])
+    return waves, list(render_scenes(w, sizes, k, [scene(w, k, r) for r in rngs], rngs)[0])
 
 
-def gen_tactile(ds, rngs, k):
+def gen_tactile(w, sizes, rngs, k):
     """A GelSight-like patch: the concept's texture (rotated +-0.4 rad, frequency +-10%, random phase)
     pressed in a random contact region, lit from three coloured directions at a random angle."""
-    w, size = ds.world, ds.image_size
+    size = sizes["image_size"]
     v = (np.arange(size) + 0.5) / size - 0.5
     x, y = np.meshgrid(v, v)
     patches = []
@@ -358,12 +357,12 @@ def gen_tactile(ds, rngs, k):
     return patches, None
 
 
-def gen_imu(ds, rngs, k):
+def gen_imu(w, sizes, rngs, k):
     """Accelerometer (specific force, m/s^2) and gyroscope (rad/s) at 50 Hz, (6, T), of the concept's
     motion, from a sensor mounted +-0.4 rad off the body axes, with tempo jitter, noise and gyro bias."""
-    w, series = ds.world, []
+    series = []
     for r in rngs:
-        t = r.uniform(0, 4) + np.arange(ds.imu_length) / 50.0 * r.uniform(0.95, 1.05)
+        t = r.uniform(0, 4) + np.arange(sizes["imu_length"]) / 50.0 * r.uniform(0.95, 1.05)
         angle, rate, _, acc = w.motion(k, t, r)
         body = euler(*r.uniform(-np.pi, np.pi, 3)) @ rotation(w.spin_axis[k], angle)  # (T, 3, 3) body -> world
         mount = euler(*r.uniform(-0.4, 0.4, 3))
@@ -373,10 +372,10 @@ def gen_imu(ds, rngs, k):
     return series, None
 
 
-def gen_eeg(ds, rngs, k):
+def gen_eeg(w, sizes, rngs, k):
     """(C, T) at 128 Hz: one burst of the concept's frequency (+-6%) with its dipole topography, at a
     random time and width, over pink noise per channel plus a common-mode drift."""
-    w, c, n = ds.world, ds.eeg_channels, ds.eeg_length
+    c, n = sizes["eeg_channels"], sizes["eeg_length"]
     t = np.arange(n) / 128.0
     freqs = np.fft.rfftfreq(n, 1 / 128.0)
     pink = 1 / np.sqrt(np.maximum(freqs, 1.0))
@@ -389,78 +388,3 @@ def gen_eeg(ds, rngs, k):
         noise = np.fft.irfft(np.fft.rfft(r.normal(size=(c + 1, n)), axis=1) * pink, n, axis=1)
         records.append(r.uniform(1.5, 3.0) * topo[:, None] * burst + noise[:c] + r.uniform(0, 1.5) * noise[c:])
     return records, None
-
-
-GENERATORS = {"image": gen_image, "video": gen_video, "audio": gen_audio, "point": gen_point, "depth": gen_depth,
-              "tactile": gen_tactile, "imu": gen_imu, "eeg": gen_eeg}
-
-# ----------------------------------------------------------------------------------------------
-# 5. The dataset and the raw-input baseline
-# ----------------------------------------------------------------------------------------------
-
-class SyntheticDataset(torch.utils.data.Dataset):
-    """`size` samples of one modality, items exactly like data.ManifestDataset's.
-
-    Sample i depends only on (seed, modality, split, i) and the concept it is given: labels cycle
-    through the concepts kept (so classes are balanced), `held_out` concepts are removed from the
-    train split of the extended modalities only. Captions fill a template of the modality's
-    PROMPTS, or for the image-text set (which pre-trains the anchor CLIP) a template of any
-    modality, so that the anchor's text tower has seen every caption form. Everything is generated
-    at construction, batched per concept, and kept in memory.
-    """
-
-    def __init__(self, modality, split, size, concepts=10, seed=0, held_out=(), image_size=32, frames=4,
-                 audio_seconds=0.5, points=256, point_channels=3, imu_length=128, eeg_channels=16, eeg_length=128):
-        if modality not in GENERATORS:
-            raise ValueError(f"unknown modality {modality!r}; expected one of {list(GENERATORS)}")
-        self.world = World(concepts, seed)
-        self.class_names = list(self.world.names)
-        if unknown := set(held_out) - set(self.class_names):
-            raise ValueError(f"held-out concepts {sorted(unknown)} are not among {self.class_names}")
-        self.modality, self.split, self.seed = modality, split, seed
-        self.image_size, self.frames, self.audio_seconds = image_size, frames, audio_seconds
-        self.points, self.point_channels = points, point_channels
-        self.imu_length, self.eeg_channels, self.eeg_length = imu_length, eeg_channels, eeg_length
-        self.series_shape = {"imu": (6, imu_length), "eeg": (eeg_channels, eeg_length)}  # as data.ManifestDataset
-        drop = set(held_out) if split == "train" and modality != "image" else set()
-        kept = [k for k, name in enumerate(self.class_names) if name not in drop]
-        if not kept:
-            raise ValueError(f"every concept of the {split} split is held out")
-        self.labels = [kept[i % len(kept)] for i in range(size)]
-        templates = [t for ts in PROMPTS.values() for t in ts] if modality == "image" else PROMPTS[modality]
-        self.captions = [templates[zlib.crc32(f"{seed}/{modality}/{split}/{i}".encode()) % len(templates)]
-                         .format(self.class_names[k]) for i, k in enumerate(self.labels)]
-        self.inputs, self.anchors = [None] * size, [None] * size
-        for k in kept:
-            rows = [i for i in range(size) if self.labels[i] == k]
-            for start in range(0, len(rows), 128):
-                chunk = rows[start:start + 128]
-                raws, anchors = GENERATORS[modality](self, [self.rng(i) for i in chunk], k)
-                for j, i in enumerate(chunk):
-                    self.inputs[i] = PREPROCESS[modality](self, raws[j])
-                    self.anchors[i] = None if anchors is None else normalize_image(anchors[j], image_size)
-
-    def rng(self, i):
-        """Sample i's own random stream, independent of the dataset's size and of the other samples."""
-        return np.random.default_rng([self.seed, zlib.crc32(self.modality.encode()), zlib.crc32(self.split.encode()), i])
-
-    def raw(self, i):
-        """Sample i as the raw signal a file would hold (waveform, depth in m, points, series, RGB in [0, 1])."""
-        return GENERATORS[self.modality](self, [self.rng(i)], self.labels[i])[0][0]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"modality": self.modality, "input": self.inputs[i], "text": self.captions[i],
-                "label": self.labels[i], "anchor_image": self.anchors[i], "prior": None}
-
-
-def nearest_class_mean_top1(train, test):
-    """Raw-input baseline: test inputs (flattened) go to the nearest train class mean (Euclidean)."""
-    flat = lambda ds: (torch.stack([ds[i]["input"].flatten() for i in range(len(ds))]),
-                       torch.tensor([ds[i]["label"] for i in range(len(ds))]))
-    (x, y), (x_test, y_test) = flat(train), flat(test)
-    classes = y.unique()
-    means = torch.stack([x[y == c].mean(0) for c in classes])  # (K, D)
-    return (classes[torch.cdist(x_test, means).argmin(1)] == y_test).float().mean().item()

@@ -1,4 +1,4 @@
-"""Tests for world.py: deterministic samples with the real-data layouts, held-out concepts, anchors,
+"""Tests for world.py through data.SyntheticDataset: deterministic samples with the real-data layouts, held-out concepts, anchors,
 captions, and a file round trip through data.ManifestDataset (synthetic and real share one path)."""
 
 import json
@@ -10,6 +10,8 @@ import torch
 
 import data
 import world
+from modalities import MODALITIES as REGISTRY
+from preprocess import SAMPLE_RATE
 
 SMALL = dict(concepts=4, image_size=16, frames=2, audio_seconds=0.25, points=64, imu_length=64, eeg_channels=8,
              eeg_length=64)
@@ -24,7 +26,7 @@ LAYOUT = {"image": (3, S, S), "tactile": (3, S, S), "depth": (1, S, S), "video":
 
 @pytest.fixture(scope="module")
 def sets():
-    return {m: world.SyntheticDataset(m, "train", 12, **SMALL) for m in MODALITIES}
+    return {m: data.SyntheticDataset(m, "train", 12, **SMALL) for m in MODALITIES}
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
@@ -45,7 +47,7 @@ def test_items_have_the_manifest_layout(sets, modality):
 
 
 def test_points_carry_unit_normals_and_fill_the_unit_sphere():
-    ds = world.SyntheticDataset("point", "train", 4, **dict(SMALL, point_channels=6))
+    ds = data.SyntheticDataset("point", "train", 4, **dict(SMALL, point_channels=6))
     for i in range(4):
         x = ds[i]["input"]
         assert x.shape == (64, 6)
@@ -55,9 +57,9 @@ def test_points_carry_unit_normals_and_fill_the_unit_sphere():
 
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_deterministic_per_seed_and_index(sets, modality):
-    again = world.SyntheticDataset(modality, "train", 12, **SMALL)
-    other_seed = world.SyntheticDataset(modality, "train", 12, seed=1, **SMALL)
-    shorter = world.SyntheticDataset(modality, "train", 5, **SMALL)
+    again = data.SyntheticDataset(modality, "train", 12, **SMALL)
+    other_seed = data.SyntheticDataset(modality, "train", 12, seed=1, **SMALL)
+    shorter = data.SyntheticDataset(modality, "train", 5, **SMALL)
     for i in range(12):
         assert torch.equal(sets[modality][i]["input"], again[i]["input"])
         assert not torch.allclose(sets[modality][i]["input"], other_seed[i]["input"])
@@ -67,7 +69,7 @@ def test_deterministic_per_seed_and_index(sets, modality):
 
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_train_and_test_splits_share_no_sample(sets, modality):
-    test = world.SyntheticDataset(modality, "test", 12, **SMALL)
+    test = data.SyntheticDataset(modality, "test", 12, **SMALL)
     for i in range(12):
         for j in range(12):
             assert not torch.allclose(sets[modality][i]["input"], test[j]["input"])
@@ -77,22 +79,22 @@ def test_held_out_concepts_leave_only_the_extended_train_sets():
     held = ["cube", "cone"]
     labels = lambda ds: {ds.class_names[ds[i]["label"]] for i in range(len(ds))}
     for m in ["audio", "tactile"]:
-        train = world.SyntheticDataset(m, "train", 16, held_out=held, **SMALL)
+        train = data.SyntheticDataset(m, "train", 16, held_out=held, **SMALL)
         assert train.class_names == world.CONCEPTS[:4] and labels(train) == {"sphere", "cylinder"}
         assert not any(name in c for c in train.captions for name in held)
-        assert labels(world.SyntheticDataset(m, "test", 16, held_out=held, **SMALL)) == set(world.CONCEPTS[:4])
-    assert labels(world.SyntheticDataset("image", "train", 16, held_out=held, **SMALL)) == set(world.CONCEPTS[:4])
+        assert labels(data.SyntheticDataset(m, "test", 16, held_out=held, **SMALL)) == set(world.CONCEPTS[:4])
+    assert labels(data.SyntheticDataset("image", "train", 16, held_out=held, **SMALL)) == set(world.CONCEPTS[:4])
     with pytest.raises(ValueError, match="not among"):
-        world.SyntheticDataset("audio", "train", 4, held_out=["banana"], **SMALL)
+        data.SyntheticDataset("audio", "train", 4, held_out=["banana"], **SMALL)
 
 
 def test_captions_use_the_templates(sets):
     for m in EXTENDED:
         ds = sets[m]
         for i in range(len(ds)):
-            assert ds.captions[i] in {t.format(ds.class_names[ds[i]["label"]]) for t in data.PROMPTS[m]}
-    image = world.SyntheticDataset("image", "train", 40, **SMALL)
-    used = {m for i in range(40) for m, templates in data.PROMPTS.items()
+            assert ds.captions[i] in {t.format(ds.class_names[ds[i]["label"]]) for t in REGISTRY[m].prompts}
+    image = data.SyntheticDataset("image", "train", 40, **SMALL)
+    used = {m for i in range(40) for m, templates in ((n, s.prompts) for n, s in REGISTRY.items())
             if image.captions[i] in {t.format(image.class_names[image[i]["label"]]) for t in templates}}
     assert len(used) >= 4  # the anchor text tower sees the caption forms of many modalities
 
@@ -114,7 +116,7 @@ def write_float_wav(path, x, rate):
 
 def test_raw_signals_written_to_files_read_back_identically(sets, tmp_path):
     """The synthetic raw signal, saved as a real file and read by ManifestDataset, gives the same input."""
-    checks = {"audio": ("clip.wav", lambda path, x: write_float_wav(path, x, data.SAMPLE_RATE)),
+    checks = {"audio": ("clip.wav", lambda path, x: write_float_wav(path, x, SAMPLE_RATE)),
               "depth": ("depth.npy", np.save), "point": ("points.npy", np.save), "eeg": ("eeg.npy", np.save)}
     for m, (name, write) in checks.items():
         ds = sets[m]
@@ -131,5 +133,5 @@ def test_nearest_class_mean_baseline():
         g = torch.Generator().manual_seed(n)
         return [{"input": torch.nn.functional.one_hot(torch.tensor(i % 3), 3).float() * 5 + torch.randn(3, generator=g)
                  + shift, "label": i % 3} for i in range(n)]
-    assert world.nearest_class_mean_top1(fake(30, 0.0), fake(31, 0.0)) == 1.0
-    assert world.nearest_class_mean_top1(fake(30, 0.0), [{"input": torch.zeros(3) + 5 * torch.eye(3)[1], "label": 0}]) == 0.0
+    assert data.nearest_class_mean_top1(fake(30, 0.0), fake(31, 0.0)) == 1.0
+    assert data.nearest_class_mean_top1(fake(30, 0.0), [{"input": torch.zeros(3) + 5 * torch.eye(3)[1], "label": 0}]) == 0.0

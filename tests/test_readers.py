@@ -1,0 +1,192 @@
+"""Tests for readers.py, through data.ManifestDataset: every file format of a modality gives the same
+input, and a broken file is named with the reason."""
+
+import json
+import struct
+import wave
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+# ---------- helpers writing files the tests read back ----------
+
+def write_wav(path, x, rate, bits=16, float_format=False, extensible=False):
+    """(T, channels) float in [-1, 1] -> WAV; integer PCM through `wave`, IEEE float as raw RIFF chunks
+    (with `extensible`, in a WAVE_FORMAT_EXTENSIBLE fmt chunk whose sub-format GUID starts with tag 3)."""
+    channels = x.shape[1]
+    if float_format:
+        raw = x.astype("<f4").tobytes()
+        fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else 3, channels, rate, rate * channels * 4, channels * 4, 32)
+        if extensible:
+            fmt += struct.pack("<HHI", 22, 32, 0) + struct.pack("<H", 3) + bytes(14)
+        body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(raw)) + raw
+        path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+        return
+    scale = 2.0 ** (bits - 1) - 1
+    ints = np.round(x * scale).astype(np.int64).reshape(-1)
+    if bits == 8:
+        raw = (ints + 128).astype(np.uint8).tobytes()
+    elif bits == 24:
+        raw = b"".join(int(v).to_bytes(3, "little", signed=True) for v in ints)
+    else:
+        raw = ints.astype(f"<i{bits // 8}").tobytes()
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(bits // 8)
+        w.setframerate(rate)
+        w.writeframes(raw)
+
+
+def sine(rate, seconds=1.0, freq=440.0, amplitude=0.5):
+    t = np.arange(int(rate * seconds)) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t))[:, None]
+
+
+def write_manifest(tmp_path, rows, name="set.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def write_ply(path, pts, binary):
+    header = ["ply", f"format {'binary_little_endian' if binary else 'ascii'} 1.0", f"element vertex {len(pts)}",
+              "property float x", "property float y", "property float z", "element face 0",
+              "property list uchar int vertex_indices", "end_header"]
+    head = ("\n".join(header) + "\n").encode()
+    if binary:
+        path.write_bytes(head + pts.astype("<f4").tobytes())
+    else:
+        path.write_bytes(head + "\n".join(" ".join(f"{v:.7g}" for v in p) for p in pts).encode() + b"\n")
+
+
+def test_same_sine_in_every_wav_encoding_gives_the_same_log_mel(tmp_path):
+    variants = {"pcm16.wav": dict(rate=16000, bits=16), "pcm8.wav": dict(rate=16000, bits=8),
+                "pcm24.wav": dict(rate=16000, bits=24), "pcm32.wav": dict(rate=16000, bits=32),
+                "float32.wav": dict(rate=16000, float_format=True), "cd.wav": dict(rate=44100, bits=16),
+                "extensible.wav": dict(rate=22050, float_format=True, extensible=True)}
+    for name, kw in variants.items():
+        write_wav(tmp_path / name, sine(kw["rate"]), **kw)
+    write_wav(tmp_path / "stereo.wav", np.repeat(sine(16000), 2, axis=1), 16000)
+    names = [*variants, "stereo.wav"]
+    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "audio", "path": n, "label": "tone"} for n in names]),
+                              audio_seconds=1.5)
+    mels = {n: ds[k]["input"] for k, n in enumerate(names)}
+    ref = mels["pcm16.wav"]
+    for n, m in mels.items():
+        assert m.shape == (1, 128, 148) and torch.isfinite(m).all(), n
+        if n != "pcm8.wav":
+            assert (m - ref).abs().max() < 0.01, n
+    loud = ref > 0.5  # 8-bit quantisation noise (-48 dB) lifts the quiet bins
+    assert (mels["pcm8.wav"] - ref)[loud].abs().max() < 0.01
+
+
+def test_image_formats_sizes_and_modes_agree(tmp_path):
+    yy, xx = np.mgrid[0:30, 0:45]
+    rgb = np.stack([xx * 5, yy * 8, (xx + yy) * 3], axis=-1).astype(np.uint8)  # smooth, so JPEG keeps it
+    for name in ("a.png", "a.bmp", "a.webp"):
+        Image.fromarray(rgb).save(tmp_path / name, **({"lossless": True} if name.endswith("webp") else {}))
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=98)
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb[:, :, 0]).save(tmp_path / "grey.png")
+    files = ["a.png", "a.bmp", "a.webp", "a.jpg", "rgba.png", "grey.png"]
+    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "image", "path": f, "text": "noise"} for f in files]),
+                              image_size=16)
+    images = [ds[k]["input"] for k in range(len(files))]
+    assert all(x.shape == (3, 16, 16) for x in images)
+    for k in (1, 2, 4):
+        assert torch.allclose(images[k], images[0], atol=1e-5), files[k]
+    assert (images[3] - images[0]).abs().mean() < 0.05  # JPEG is lossy
+
+
+def test_wav_problems_are_named(tmp_path):
+    write_wav(tmp_path / "ok.wav", sine(16000), 16000)
+    blob = (tmp_path / "ok.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "fake.wav").write_bytes(b"this is not audio at all")
+    path = write_manifest(tmp_path, [{"modality": "audio", "path": n, "text": "a tone"} for n in ("ok.wav", "cut.wav", "fake.wav")])
+    ds = data.ManifestDataset(path, audio_seconds=1.0)
+    with pytest.raises(data.SampleError, match=r"set\.jsonl: line 2: cut\.wav: truncated"):
+        ds[1]
+    with pytest.raises(data.SampleError, match=r"set\.jsonl: line 3: fake\.wav: not a WAV file: RIFF header missing"):
+        ds[2]
+
+
+def test_point_cloud_formats_agree(tmp_path):
+    pts = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    write_ply(tmp_path / "a.ply", pts, binary=False)
+    write_ply(tmp_path / "b.ply", pts, binary=True)
+    np.save(tmp_path / "c.npy", pts)
+    np.savetxt(tmp_path / "d.txt", pts, delimiter=",", fmt="%.7g")
+    np.savetxt(tmp_path / "e.xyz", pts, fmt="%.7g")
+    (tmp_path / "f.off").write_text("OFF\n300 0 0\n" + "\n".join(" ".join(f"{v:.7g}" for v in p) for p in pts))
+    files = ["a.ply", "b.ply", "c.npy", "d.txt", "e.xyz", "f.off"]
+    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "point", "path": f, "label": "blob"} for f in files]),
+                              points=128)
+    ref = ds[0]["input"]
+    assert ref.shape == (128, 3)
+    for k in range(1, len(files)):
+        assert torch.allclose(ds[k]["input"], ref, atol=1e-5), files[k]
+
+
+def test_video_sources_agree_in_shape(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (6, 24, 30, 3), dtype=np.uint8)
+    np.save(tmp_path / "clip.npy", frames)
+    (tmp_path / "frames").mkdir()
+    for k, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / "frames" / f"{k:03d}.png")
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(tmp_path / "clip.gif", save_all=True, append_images=images[1:], duration=40)
+    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "video", "path": p, "label": "noise"}
+                                                       for p in ("clip.npy", "frames", "clip.gif")]),
+                              image_size=16, frames=4)
+    videos = [ds[k]["input"] for k in range(3)]
+    assert all(v.shape == (4, 3, 16, 16) for v in videos)
+    assert torch.allclose(videos[0], videos[1], atol=1e-5)  # lossless PNG frames
+
+
+def test_depth_png_millimetres_equals_npy_metres(tmp_path):
+    depth_mm = np.random.default_rng(0).integers(500, 5000, (20, 28)).astype(np.uint16)
+    Image.fromarray(depth_mm).save(tmp_path / "d.png")
+    np.save(tmp_path / "d.npy", depth_mm / 1000.0)
+    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "depth", "path": p, "label": "room"}
+                                                       for p in ("d.png", "d.npy")]), image_size=16)
+    a, b = ds[0]["input"], ds[1]["input"]
+    assert a.shape == (1, 16, 16) and torch.allclose(a, b, atol=1e-4)
+
+
+def test_series_layout_by_channel_count_and_nan_row(tmp_path):
+    x = np.random.default_rng(0).normal(size=(300, 6))
+    (tmp_path / "t.csv").write_text("ax,ay,az,gx,gy,gz\n" + "\n".join(",".join(f"{v:.9g}" for v in r) for r in x))
+    np.save(tmp_path / "c.npy", x.T)
+    bad = x.copy()
+    bad[4, 2] = np.nan
+    (tmp_path / "nan.csv").write_text("a,b,c,d,e,f\n" + "\n".join(",".join(f"{v:.9g}" for v in r) for r in bad))
+    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "imu", "path": p, "label": "walk"}
+                                                       for p in ("t.csv", "c.npy", "nan.csv")]), imu_length=256)
+    assert ds[0]["input"].shape == (6, 256)
+    assert torch.allclose(ds[0]["input"], ds[1]["input"], atol=1e-5)
+    with pytest.raises(data.SampleError, match=r"line 3: nan\.csv: NaN at row 5"):
+        ds[2]
+
+
+def test_labels_become_prompts_and_class_indices(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(tmp_path / name)
+    np.save(tmp_path / "p.npy", np.ones(5, dtype=np.float32))
+    rows = [{"modality": "tactile", "path": "a.png", "label": "wood", "anchor_image": "b.png", "prior": "p.npy",
+             "split": "train"},
+            {"modality": "tactile", "path": "b.png", "label": "cloth", "split": "train"},
+            {"modality": "tactile", "path": "a.png", "text": "rough bark", "split": "test"}]
+    ds = data.ManifestDataset(write_manifest(tmp_path, rows), split="train", image_size=16)
+    assert len(ds) == 2 and ds.modality == "tactile" and ds.class_names == ["cloth", "wood"]
+    first = ds[0]
+    assert first["label"] == 1 and "wood" in first["text"] and first["anchor_image"].shape == (3, 16, 16)
+    assert first["prior"].shape == (5,) and ds[1]["prior"] is None
+    test = data.ManifestDataset(write_manifest(tmp_path, rows), split="test", image_size=16)
+    assert test[0]["label"] == -1 and test[0]["text"] == "rough bark"
