@@ -37,11 +37,11 @@ from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from data import MixedBatchSampler, MixedDataset, collate
-from encoder import CLIP, ViT
+from clip import CLIP, ViT
+from data import MixedBatchSampler, MixedDataset, SyntheticDataset, collate
 from lora_moe import LoRAMoELinear, add_lora_moe
-from tokenizers import TOKENIZERS, farthest_point_sampling
-from world import SyntheticDataset
+from modalities import extended
+from tokenizers import PointCloudTokenizer, farthest_point_sampling
 
 # ----------------------------------------------------------------------------------------------
 # timing
@@ -190,7 +190,7 @@ CONFIGS = {
     "default": dict(clip=dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=8,
                               vision_heads=4, context_length=24, vocab_size=800, transformer_width=64,
                               transformer_heads=4, transformer_layers=3),
-                    modalities=train.EXTENDED, world=dict(image_size=32)),
+                    modalities=extended(), world=dict(image_size=32)),
     # ViT-B/16 shapes; image-shaped extended modalities at 224 x 224 (196 tokens + class token each)
     "vit_b16": dict(clip=dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
                               vision_patch_size=16, vision_heads=12, context_length=77, vocab_size=49408,
@@ -212,13 +212,13 @@ def unialign_step_setup(name, device, batch):
     torch.manual_seed(0)
     clip = CLIP(**config["clip"]).to(device).requires_grad_(False).eval()
     sets = {m: world(m, max(batch, 64), args.image_size) for m in config["modalities"]}
-    ctx = {"device": device.type, "rank": 0, "world_size": 1}
-    model, _ = train.make_model(clip, config["modalities"], sets, args, ctx, args.experts, args.top_k)
+    args.device = device.type
+    model, _ = train.make_model(clip, config["modalities"], sets, args, args.experts, args.top_k)
     for adapter in model.adapters:  # as after some training: B != 0, so every expert's work is real
         torch.nn.init.normal_(adapter.lora_B, std=1e-3)
     texts = {t for ds in sets.values() for t in ds.captions}
     text_of = dict(zip(sorted(texts), F.normalize(torch.randn(len(texts), clip.visual.output_dim, device=device), dim=-1)))
-    loss = train.unialign_objective(model, clip, lambda ts: torch.stack([text_of[t] for t in ts]), args)
+    loss = train.unialign_objective(clip, lambda ts: torch.stack([text_of[t] for t in ts]), args)
     params = [p for p in model.parameters() if p.requires_grad]
     sampler = MixedBatchSampler([len(d) for d in sets.values()], batch, args.alpha_sampling)
     loader = torch.utils.data.DataLoader(MixedDataset(list(sets.values())), batch_sampler=sampler, collate_fn=collate,
@@ -312,10 +312,10 @@ def encode_throughput(device, repeats):
     for m, tokenizer_input in ((m, SyntheticDataset(m, "test", 64, image_size=32)) for m in CONFIGS["default"]["modalities"]):
         x = torch.stack([tokenizer_input[i]["input"] for i in range(64)]).to(device)
         with torch.no_grad():
-            t = median_times({m: lambda: model({m: x})}, repeats, device)[m]
+            t = median_times({m: lambda: model.encode(m, x)}, repeats, device)[m]
         rows.append({"modality": m, "samples_per_s": 64 / t})
     cloud = torch.randn(8, 8192, 3, device=device)
-    tokenizer = TOKENIZERS["point"](torch.zeros(768, 3, 16, 16), points=8192, groups=512, neighbours=32).to(device)
+    tokenizer = PointCloudTokenizer(torch.zeros(768, 3, 16, 16), points=8192, groups=512, neighbours=32).to(device)
     with torch.no_grad():
         times = median_times({"fps": lambda: farthest_point_sampling(cloud, 512), "tokenize": lambda: tokenizer(cloud)},
                              repeats, device)
@@ -329,7 +329,7 @@ def generation_rates(size=200):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
-    for m in ["image", *train.EXTENDED]:
+    for m in ["image", *extended()]:
         start = time.perf_counter()
         SyntheticDataset(m, "train", size)
         rows.append({"modality": m, "samples_per_s": size / (time.perf_counter() - start)})

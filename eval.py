@@ -1,4 +1,4 @@
-"""Evaluation of a run folder (METHOD.md section 4): one table with every benchmark, and figures.
+"""Evaluation of a run folder (docs/method.md section 4): one table with every benchmark, and figures.
 
   python eval.py --ckpt out/ckpt.pt        # also called by train.py at the end
 
@@ -28,86 +28,25 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from PIL import Image, ImageDraw, ImageFont
 
-from data import PROMPTS, ManifestDataset
-from encoder import CLIP, UniAlign, load_openai_clip
-from tokenizers import BPETokenizer
-from world import SyntheticDataset, nearest_class_mean_top1
-
-EXTENDED = ["video", "audio", "point", "depth", "tactile", "imu", "eeg"]
-
-
-# ----------------------------------------------------------------------------- what train.py shares
-
-def build_datasets(config, split, modalities=("image", *EXTENDED)):
-    """{modality: dataset} of a split: the manifests of --data, else the synthetic world (`modalities` of it)."""
-    sizes = dict(image_size=config["image_size"], frames=config["frames"], audio_seconds=config["audio_seconds"],
-                 points=config["points"], point_channels=config["point_channels"], imu_length=config["imu_length"],
-                 eeg_channels=config["eeg_channels"], eeg_length=config["eeg_length"])
-    if config.get("data"):
-        sets = {}
-        for path in config["data"]:
-            ds = ManifestDataset(path, split=split, on_bad=config["on_bad"], seed=config["seed"], **sizes)
-            if ds.modality in sets:
-                raise SystemExit(f"{path}: a second manifest of modality '{ds.modality}'; merge them into one")
-            sets[ds.modality] = ds
-        return sets
-    size = {"train": config["n_train"], "test": config["n_test"]}[split]
-    anchor_size = config["n_anchor"] if split == "train" else size  # the image-text set pre-trains the anchor
-    return {m: SyntheticDataset(m, split, anchor_size if m == "image" else size, concepts=config["concepts"],
-                                seed=config["seed"], held_out=config["held_out"], **sizes) for m in modalities}
-
-
-def load_anchor(config):
-    """The frozen anchor CLIP and its BPE: OpenAI weights (--clip, --bpe) or the run's own anchor stage."""
-    if config.get("clip"):
-        if not config.get("bpe"):
-            raise SystemExit("--clip needs --bpe: the path of CLIP's bpe_simple_vocab_16e6.txt.gz")
-        clip, bpe = load_openai_clip(config["clip"]), BPETokenizer(config["bpe"])
-    else:
-        anchor = torch.load(os.path.join(config["out"], "anchor.pt"), map_location="cpu", weights_only=True)
-        clip, bpe = CLIP(**anchor["config"]), BPETokenizer(os.path.join(config["out"], "bpe.txt.gz"))
-        clip.load_state_dict(anchor["state_dict"])
-    return clip.requires_grad_(False).eval(), bpe
-
-
-@torch.no_grad()
-def encode_texts(clip, bpe, texts, device, chunk=256):
-    """Captions -> (N, D) normalised embeddings from the frozen text tower."""
-    out = []
-    for i in range(0, len(texts), chunk):
-        ids = bpe(texts[i:i + chunk], context_length=clip.context_length, truncate=True).to(device)
-        out.append(F.normalize(clip.encode_text(ids).float(), dim=-1))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def embed(model, dataset, device, chunk=128):
-    """A dataset -> (N, D) normalised embeddings, (N,) labels, and the routers' mean gate (layers, E) or None."""
-    z, labels, gates = [], [], []
-    for i in range(0, len(dataset), chunk):
-        items = [dataset[k] for k in range(i, min(i + chunk, len(dataset)))]
-        x = torch.stack([item["input"] for item in items]).to(device)
-        z.append(model({dataset.modality: x})[dataset.modality].cpu())
-        labels += [item["label"] for item in items]
-        stats = getattr(model, "router_stats", {}).get(dataset.modality)
-        if stats:
-            gates.append(torch.stack([s["P"].float().cpu() for s in stats]) * len(items))  # (adapters, E)
-    mean_gate = None
-    if gates:
-        per_adapter = sum(gates) / len(dataset)
-        mean_gate = reduce(per_adapter, "(layer t) e -> layer e", "mean", layer=len(model.clip.visual.transformer.resblocks))
-    return torch.cat(z), torch.tensor(labels), mean_gate
-
-
-def load_model(path, clip, device):
-    """A UniAlign (or specialist) checkpoint of this repo, built on a copy of the frozen CLIP."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = UniAlign(copy.deepcopy(clip), **ckpt["model_args"])
-    model.load_trainable_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+from checkpoint import load_checkpoint
+from data import build_datasets, nearest_class_mean_top1
+from encoder import embed, encode_texts, load_anchor, load_model
+from modalities import MODALITIES
 
 
 # ----------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def router_mean_gate(model, dataset, device, chunk=128):
+    """The routers' mean gate (layers, E) over a dataset, each layer's adapters averaged."""
+    total = 0
+    for i in range(0, len(dataset), chunk):
+        x = torch.stack([dataset[k]["input"] for k in range(i, min(i + chunk, len(dataset)))]).to(device)
+        stats = model.encode(dataset.modality, x)[1]
+        total = total + torch.stack([s["P"].float().cpu() for s in stats]) * len(x)  # (adapters, E)
+    per_adapter = total / len(dataset)
+    return reduce(per_adapter, "(layer t) e -> layer e", "mean", layer=len(model.clip.visual.transformer.resblocks))
+
 
 def topk_accuracy(scores, labels, k):
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
@@ -138,7 +77,7 @@ def zero_shot(z, labels, class_text):
 
 def class_embeddings(clip, bpe, modality, class_names, device):
     """One text embedding per class: the modality's prompt templates, averaged, renormalised."""
-    templates = PROMPTS[modality]
+    templates = MODALITIES[modality].prompts
     t = encode_texts(clip, bpe, [tpl.format(c) for c in class_names for tpl in templates], device)
     return F.normalize(reduce(t, "(c k) d -> c d", "mean", k=len(templates)), dim=-1)
 
@@ -262,13 +201,13 @@ def loss_figure(out):
 def evaluate(out, device="cpu"):
     """Every benchmark of a finished run folder -> metrics.json, metrics.md and the figures."""
     ckpt_path = os.path.join(out, "ckpt.pt")
-    config = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
+    config = load_checkpoint(ckpt_path)["config"]
     config["out"] = out
     clip, bpe = load_anchor(config)
     clip = clip.to(device).eval()
     model, _ = load_model(ckpt_path, clip, device)
     tests = build_datasets(config, "test")
-    trains = build_datasets(config, "train", EXTENDED)  # for the raw baseline; not the anchor's image-text set
+    trains = build_datasets(config, "train", config.get("modalities"))  # for the raw baseline; not the anchor's image-text set
     modalities = model.modalities
     metrics = {"unialign": {"zero_shot_top1": {}, "zero_shot_top5": {}, "map": {}, "retrieval": {},
                             "trainable_params": model.count_trainable()["total"],
@@ -278,7 +217,8 @@ def evaluate(out, device="cpu"):
     emb = {}
     for m in modalities:
         ds = tests[m]
-        z, labels, gate = embed(model, ds, device)
+        z, labels = embed(model, ds, device)
+        gate = router_mean_gate(model, ds, device)
         emb[m] = (z, labels, ds.class_names)
         scores = zero_shot(z, labels, class_embeddings(clip, bpe, m, ds.class_names, device).cpu())
         u = metrics["unialign"]
@@ -289,12 +229,16 @@ def evaluate(out, device="cpu"):
         spec_path = os.path.join(out, f"specialist_{m}.pt")
         if os.path.exists(spec_path):
             spec, _ = load_model(spec_path, clip, device)
-            zs, ls, _ = embed(spec, ds, device)
+            zs, ls = embed(spec, ds, device)
             metrics["specialists"]["zero_shot_top1"][m] = zero_shot(
                 zs, ls, class_embeddings(clip, bpe, m, ds.class_names, device).cpu())["top1"]
             metrics["specialists"]["trainable_params"] += spec.count_trainable()["total"]
     if "image" in tests:
-        emb["image"] = (*embed(model, tests["image"], device)[:2], tests["image"].class_names)
+        images = tests["image"]
+        with torch.no_grad():
+            z = torch.cat([model.encode("image", torch.stack([images[i]["input"] for i in range(k, min(k + 128, len(images)))]).to(device))[0].cpu()
+                           for k in range(0, len(images), 128)])
+        emb["image"] = (z, torch.tensor([images[i]["label"] for i in range(len(images))]), images.class_names)
     names = list(emb)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -361,7 +305,7 @@ def figures(out, metrics, emb, modalities):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Evaluate a UniAlign run folder (METHOD.md section 4).")
+    p = argparse.ArgumentParser(description="Evaluate a UniAlign run folder (docs/method.md section 4).")
     p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt of a finished train.py run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     args = p.parse_args()

@@ -1,5 +1,5 @@
 """
-The UniAlign objective (METHOD.md section 2, Eq. 3-10): pure functions on L2-normalised embeddings.
+The UniAlign objective (docs/method.md section 2, Eq. 3-10): pure functions on L2-normalised embeddings.
 
 Every similarity, softmax and log-softmax is computed in float32 with autocast switched off, so the
 losses do not change under bf16/fp16 training. A term with nothing to average over (no anchored
@@ -150,7 +150,7 @@ def load_balance_loss(f, P):
 
 
 def unialign_loss(z, t, tau, *, tau_s, beta, v=None, anchor_mask=None, tau_kd, gamma, lambda_anchor,
-                  priors=(), lambda_prior, balance=(), lambda_bal):
+                  priors=(), lambda_prior, balance=(), lambda_bal, target_space=None):
     """L = L_bind + lambda_anchor * L_anchor + lambda_prior * L_prior + lambda_bal * L_bal  (Eq. 10)
 
     z, t: (B, D) normalised embeddings of the samples and of their captions; tau: CLIP's temperature.
@@ -160,9 +160,10 @@ def unialign_loss(z, t, tau, *, tau_s, beta, v=None, anchor_mask=None, tau_kd, g
       their prior embeddings. Similarities from different prior models are not comparable, so Eq. 9
       is taken within each group; L_prior is the groups' mean weighted by size (groups of one skipped).
     balance: [(f, P)] router statistics, one pair per router call; L_bal is their mean (Eq. 3).
+    target_space: where Eq. 4 takes its targets from, when not t (see soft_binding_loss).
     Returns (L, parts), parts the floats {"bind", "xt", "xx", "anchor", "prior", "bal"}.
     """
-    bind, parts = soft_binding_loss(z, t, tau, tau_s, beta)
+    bind, parts = soft_binding_loss(z, t, tau, tau_s, beta, target_space)
     anchored = slice(None) if anchor_mask is None else anchor_mask
     anchor = zero(z) if v is None else anchor_distillation_loss(z[anchored], v[anchored], t, tau_kd, gamma)
     groups = [(len(rows), prior_distillation_loss(z[rows], p, tau_kd)) for rows, p in priors if len(rows) > 1]

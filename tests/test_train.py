@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint
+from modalities import extended
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["anchor.pt", "bpe.txt.gz"] + [f"specialist_{m}.pt" for m in train.EXTENDED]
+STAGES = ["anchor.pt", "bpe.txt.gz"] + [f"specialist_{m}.pt" for m in extended()]
 
 
 def run(*args, **kw):
@@ -41,7 +43,7 @@ def with_finished_stages(smoke, out):
 
 
 def trainable_state(out):
-    return torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
+    return load_checkpoint(out / "ckpt.pt")["model"]
 
 
 def test_smoke_recipe_writes_every_artefact(smoke):
@@ -50,20 +52,20 @@ def test_smoke_recipe_writes_every_artefact(smoke):
         assert (smoke / name).exists(), name
     metrics = json.loads((smoke / "metrics.json").read_text())
     for block in ("unialign", "specialists", "raw_baseline"):
-        assert set(train.EXTENDED) <= set(metrics[block]["zero_shot_top1"]), block
+        assert set(extended()) <= set(metrics[block]["zero_shot_top1"]), block
     assert metrics["unialign"]["trainable_params"] < metrics["specialists"]["trainable_params"]
     assert "audio->point" in metrics["emergent_r1"] and "audio->image" in metrics["emergent_r1"]
     stages = {json.loads(line)["stage"].split(":")[0] for line in (smoke / "log.jsonl").read_text().splitlines()}
     assert stages == {"anchor", "specialist", "unialign"}
-    ckpt = torch.load(smoke / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == ckpt["config"]["steps"] and {"optimizer", "sampler", "rng", "model_args"} <= set(ckpt)
+    ckpt = load_checkpoint(smoke / "ckpt.pt")
+    assert ckpt["step"] == ckpt["config"]["steps"] and {"optimizer", "sampler", "rng", "model_args", "settings"} <= set(ckpt)
 
 
 def test_finished_stages_are_reused_and_other_settings_refused(smoke, capsys):
     before = (smoke / "ckpt.pt").stat().st_mtime_ns
     train.main(["--preset", "smoke", "--out", str(smoke), "--no-eval"])
     assert (smoke / "ckpt.pt").stat().st_mtime_ns == before  # nothing retrained
-    with pytest.raises(SystemExit, match="--experts: checkpoint has 2, this run has 3"):
+    with pytest.raises(SystemExit, match="--experts: saved 2, now 3"):
         train.main(["--preset", "smoke", "--out", str(smoke), "--no-eval", "--experts", "3"])
 
 
@@ -79,7 +81,7 @@ def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, tmp_pat
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = torch.load(killed / "ckpt.pt", map_location="cpu", weights_only=True)["step"]
+    step = load_checkpoint(killed / "ckpt.pt")["step"]
     assert step < 12, "the run finished before it could be killed"
     with pytest.raises(SystemExit, match="--resume"):
         train.main([*flags, "--out", str(killed)])
@@ -98,7 +100,7 @@ def test_two_process_gloo_ddp_run(smoke, tmp_path):
                env={**os.environ, "OMP_NUM_THREADS": "1"})
     log, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, log[-3000:]
-    ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["step"] == 4 and ckpt["sampler"]["world_size"] == 2
 
 
