@@ -98,6 +98,11 @@ class ManifestDataset(torch.utils.data.Dataset):
         templates = MODALITIES[self.modality].prompts
         self.captions = [e["text"] or templates[i % len(templates)].format(e["label"]) for i, e in enumerate(self.entries)]
 
+    @property
+    def anchored(self):
+        """Whether any sample carries an anchor image (which pairs this modality with image, Eq. 8)."""
+        return any(e["anchor_image"] is not None for e in self.entries)
+
     def error(self, line_no, message, file=None):
         return SampleError(f"{self.path}: line {line_no}: " + (f"{file}: " if file else "") + message)
 
@@ -209,6 +214,11 @@ class SyntheticDataset(torch.utils.data.Dataset):
                 for j, i in enumerate(chunk):
                     self.inputs[i] = spec.preprocess(raws[j], self.sizes)
                     self.anchors[i] = None if anchors is None else normalize_image(anchors[j], self.sizes["image_size"])
+
+    @property
+    def anchored(self):
+        """Whether any sample carries an anchor image (which pairs this modality with image, Eq. 8)."""
+        return any(a is not None for a in self.anchors)
 
     def rng(self, i):
         """Sample i's own random stream, independent of the dataset's size and of the other samples."""

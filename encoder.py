@@ -132,6 +132,19 @@ def encode_texts(clip, bpe, texts, device, chunk=256):
     return torch.cat(out)
 
 
+def load_run(out, device="cpu", ckpt_path=None):
+    """A trained run -> (UniAlign, frozen CLIP, BPE, the run's configuration), ready to embed.
+
+    `out` is the run folder (its anchor stage lives there); the model comes from `ckpt_path`,
+    by default OUT/ckpt.pt.
+    """
+    ckpt_path = ckpt_path or os.path.join(out, "ckpt.pt")
+    config = {**load_checkpoint(ckpt_path)["config"], "out": out}
+    clip, bpe = load_anchor(config)
+    clip = clip.to(device)
+    return load_model(ckpt_path, clip, device)[0], clip, bpe, config
+
+
 def load_model(path, clip, device="cpu"):
     """A UniAlign (or specialist) checkpoint of this repo, built on its own copy of the frozen CLIP."""
     ckpt = load_checkpoint(path)

@@ -1,51 +1,39 @@
-"""Evaluation of a run folder (docs/method.md section 4): one table with every benchmark, and figures.
+"""Evaluation of a trained run (docs/method.md section 4): every number beside its chance level.
 
-  python eval.py --ckpt out/ckpt.pt        # also called by train.py at the end
+  python eval.py --ckpt out/ckpt.pt                  # the run's own test sets; train.py calls this at the end
+  python eval.py --ckpt out/ckpt.pt --data esc50.jsonl --classes @classes.txt   # any manifest
 
 For every extended modality of the test split:
 - zero-shot classification: class names in the modality's prompt templates, prompt embeddings
-  averaged; top-1, top-5 and mAP (one-vs-rest average precision over classes, so multi-label
-  sets are scored the same way);
-- retrieval x -> text and text -> x over the split's distinct captions, R@1/5/10 (an item may
-  have several correct captions, a caption several correct items);
-- emergent retrieval, R@1 by concept, between two extended modalities and between an extended
-  modality and images: pairs that no dataset ever paired;
-- the raw-input baseline (nearest class mean), the specialists beside UniAlign with their
-  trainable parameter counts, and the routers' mean gate per modality, layer and expert.
-
-Writes OUT/metrics.json, OUT/metrics.md and three PNG figures drawn with Pillow: loss curves,
-the router heat map and a cross-modal similarity matrix of concept-mean embeddings.
-It also holds what train.py and eval.py share: building the datasets and the anchor CLIP from a
-run configuration, and embedding a dataset.
+  averaged; top-1 (chance 1/classes), top-5 where there are more than 5 classes, and mAP; with
+  held-out concepts, top-1 on the seen and on the held-out concepts apart;
+- retrieval x -> text and text -> x, counted by concept: a hit is a retrieved caption (or sample)
+  that shows the query's concept, as multi-caption benchmarks count any of an item's captions;
+  chance is the same count for a random ranking;
+- retrieval between two modalities (R@1 by concept) for every pair, marked by whether training
+  ever paired them (anchor images pair video, audio, point and depth with image): the unpaired
+  pairs are the emergent ones;
+- the raw-input nearest-class-mean baseline, the specialists beside UniAlign with their trainable
+  parameter counts, and how decisively the routers route (figures.routing_figure).
+Writes OUT/metrics.json (which describes itself: config, classes, chance), OUT/metrics.md and the
+figures of figures.py.
 """
 import argparse
-import copy
 import json
+import math
 import os
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, reduce
-from PIL import Image, ImageDraw, ImageFont
+from einops import reduce
 
-from checkpoint import load_checkpoint
-from data import build_datasets, nearest_class_mean_top1
-from encoder import embed, encode_texts, load_anchor, load_model
+import figures
+from checkpoint import CheckpointError, load_checkpoint
+from data import ManifestDataset, SampleError, build_datasets, nearest_class_mean_top1, sizes_of
+from encoder import embed, encode_texts, load_model, load_run
 from modalities import MODALITIES
 
-
 # ----------------------------------------------------------------------------- metrics
-
-@torch.no_grad()
-def router_mean_gate(model, dataset, device, chunk=128):
-    """The routers' mean gate (layers, E) over a dataset, each layer's adapters averaged."""
-    total = 0
-    for i in range(0, len(dataset), chunk):
-        x = torch.stack([dataset[k]["input"] for k in range(i, min(i + chunk, len(dataset)))]).to(device)
-        stats = model.encode(dataset.modality, x)[1]
-        total = total + torch.stack([s["P"].float().cpu() for s in stats]) * len(x)  # (adapters, E)
-    per_adapter = total / len(dataset)
-    return reduce(per_adapter, "(layer t) e -> layer e", "mean", layer=len(model.clip.visual.transformer.resblocks))
 
 
 def topk_accuracy(scores, labels, k):
@@ -59,6 +47,13 @@ def recall_at(scores, positives, k):
     return positives.gather(1, top).any(1).float().mean().item()
 
 
+def chance_recall_at(positives, k):
+    """recall_at for a random ranking: per query 1 - C(n - p, k) / C(n, k), p positives among n items."""
+    n = positives.shape[1]
+    k = min(k, n)
+    return sum(1 - math.comb(n - p, k) / math.comb(n, k) for p in positives.sum(1).tolist()) / len(positives)
+
+
 def mean_average_precision(scores, labels):
     """Macro mAP over classes: each class ranks all items by its score; AP averages precision at the hits."""
     relevant = F.one_hot(labels, scores.shape[1]).bool()
@@ -69,249 +64,260 @@ def mean_average_precision(scores, labels):
     return ((precision * hits).sum(0)[present] / hits.sum(0)[present]).mean().item()
 
 
-def zero_shot(z, labels, class_text):
-    scores = z @ class_text.T
-    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5),
-            "map": mean_average_precision(scores, labels)}
-
-
-def class_embeddings(clip, bpe, modality, class_names, device):
-    """One text embedding per class: the modality's prompt templates, averaged, renormalised."""
-    templates = MODALITIES[modality].prompts
+def class_embeddings(clip, bpe, templates, class_names, device):
+    """One text embedding per class: the class name in every prompt template, averaged, renormalised."""
     t = encode_texts(clip, bpe, [tpl.format(c) for c in class_names for tpl in templates], device)
-    return F.normalize(reduce(t, "(c k) d -> c d", "mean", k=len(templates)), dim=-1)
+    return F.normalize(reduce(t, "(c k) d -> c d", "mean", k=len(templates)), dim=-1).cpu()
 
 
-def retrieval(z, captions, clip, bpe, device):
-    """x -> text and text -> x over the distinct captions; positives are equal caption strings."""
-    gallery = sorted(set(captions))
-    t = encode_texts(clip, bpe, gallery, device).cpu()
-    positives = torch.tensor([[c == g for g in gallery] for c in captions])
-    scores = z @ t.T
-    return {"x2t": {f"R@{k}": recall_at(scores, positives, k) for k in (1, 5, 10)},
-            "t2x": {f"R@{k}": recall_at(scores.T, positives.T, k) for k in (1, 5, 10)}}
+def zero_shot(z, labels, class_text):
+    """Top-1, top-5 (only with more than 5 classes) and mAP of classifying z against the class embeddings."""
+    scores = z @ class_text.T
+    out = {"top1": topk_accuracy(scores, labels, 1), "map": mean_average_precision(scores, labels)}
+    if len(class_text) > 5:
+        out["top5"] = topk_accuracy(scores, labels, 5)
+    return out
 
 
-def emergent_r1(za, la, names_a, zb, lb, names_b):
-    """R@1 of retrieving a same-concept item of modality b for each item of modality a."""
-    common = {n: k for k, n in enumerate(names_b)}
-    la_in_b = torch.tensor([common.get(names_a[k], -1) for k in la])
+def concept_retrieval(z, concepts, gallery_text, gallery_concepts, ks=(1, 5, 10)):
+    """x -> text and text -> x, a hit being any gallery entry of the query's concept; with chance.
+
+    z (N, D) items of concepts[N]; gallery_text (G, D) captions of gallery_concepts[G].
+    """
+    positives = torch.tensor([[c == g for g in gallery_concepts] for c in concepts])  # (N, G)
+    scores = z @ gallery_text.T
+    return {"x2t": {f"R@{k}": recall_at(scores, positives, k) for k in ks},
+            "t2x": {f"R@{k}": recall_at(scores.T, positives.T, k) for k in ks},
+            "chance": {"x2t": {f"R@{k}": chance_recall_at(positives, k) for k in ks},
+                       "t2x": {f"R@{k}": chance_recall_at(positives.T, k) for k in ks}}}
+
+
+def cross_modal_r1(za, la, names_a, zb, lb, names_b):
+    """(R@1, chance) of retrieving an item of modality b that shows the concept of each item of modality a."""
+    index_in_b = {n: k for k, n in enumerate(names_b)}
+    la_in_b = torch.tensor([index_in_b.get(names_a[k], -1) for k in la])
     positives = la_in_b[:, None] == lb[None, :]
-    return recall_at(za @ zb.T, positives, 1)
+    return recall_at(za @ zb.T, positives, 1), chance_recall_at(positives, 1)
 
 
-# ----------------------------------------------------------------------------- figures (Pillow)
+@torch.no_grad()
+def routing_entropy(model, dataset, device, chunk=128):
+    """Per layer, the mean entropy (nats) of a token's routing distribution softmax(W_g^(m) x + b_g^(m))
+    (Eq. 2), for the trained routers and for untrained ones (nn.Linear's initialisation, seed 0) on
+    the very same tokens. None when there is no router (E = 1)."""
+    m, adapters = dataset.modality, model.adapters
+    if adapters[0].routers is None:
+        return None
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        untrained = [torch.nn.Linear(a.routers[m].in_features, a.experts).to(device) for a in adapters]
+    totals, tokens = torch.zeros(2, len(adapters)), [0] * len(adapters)
 
-FONT = ImageFont.load_default(size=13)
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    def entropy(logits):
+        p = logits.float().softmax(-1)
+        return -(p * p.clamp_min(1e-12).log()).sum(-1).sum().item()
 
+    def record(i):
+        def hook(adapter, inputs, output):
+            x = inputs[0].float()
+            totals[0, i] += entropy(F.linear(x, adapter.routers[m].weight.float(), adapter.routers[m].bias.float()))
+            totals[1, i] += entropy(untrained[i](x))
+            tokens[i] += x[..., 0].numel()
+        return hook
 
-def colour(value):
-    """0..1 -> a dark-blue..yellow colour ramp (viridis-like)."""
-    stops = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
-    x = min(max(value, 0.0), 1.0) * (len(stops) - 1)
-    i = min(int(x), len(stops) - 2)
-    return tuple(round(a + (b - a) * (x - i)) for a, b in zip(stops[i], stops[i + 1]))
-
-
-def line_panels(panels, path, size=(360, 260)):
-    """panels: [(title, {series name: (xs, ys)})] side by side, each with axes, ticks and a legend."""
-    w, h = size
-    img = Image.new("RGB", (w * len(panels), h), "white")
-    draw = ImageDraw.Draw(img)
-    for p, (title, series) in enumerate(panels):
-        left, top, right, bottom = p * w + 50, 25, p * w + w - 15, h - 35
-        xs = [x for s in series.values() for x in s[0]] or [0, 1]
-        ys = [y for s in series.values() for y in s[1]] or [0, 1]
-        x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
-        y1 = y1 if y1 > y0 else y0 + 1
-        to_px = lambda x, y: (left + (x - x0) / max(x1 - x0, 1e-9) * (right - left),
-                              bottom - (y - y0) / (y1 - y0) * (bottom - top))
-        draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text((left, 6), title, fill="black", font=FONT)
-        for k in range(5):
-            yv = y0 + (y1 - y0) * k / 4
-            draw.text((p * w + 4, to_px(x0, yv)[1] - 5), f"{yv:.2f}", fill="black", font=FONT)
-            xv = x0 + (x1 - x0) * k / 4
-            draw.text((to_px(xv, y0)[0] - 8, bottom + 4), f"{xv:.0f}", fill="black", font=FONT)
-        draw.text(((left + right) // 2 - 10, bottom + 18), "step", fill="black", font=FONT)
-        for k, (name, (sx, sy)) in enumerate(series.items()):
-            c = PALETTE[k % len(PALETTE)]
-            if len(sx) > 1:
-                draw.line([to_px(x, y) for x, y in zip(sx, sy)], fill=c, width=2)
-            draw.text((right - 70, top + 4 + 11 * k), name, fill=c, font=FONT)
-    img.save(path)
+    handles = [a.register_forward_hook(record(i)) for i, a in enumerate(adapters)]
+    for i in range(0, len(dataset), chunk):
+        model.encode(m, torch.stack([dataset[k]["input"] for k in range(i, min(i + chunk, len(dataset)))]).to(device))
+    for handle in handles:
+        handle.remove()
+    per_adapter = totals / torch.tensor(tokens)
+    per_layer = reduce(per_adapter, "kind (layer t) -> kind layer", "mean", layer=len(model.clip.visual.transformer.resblocks))
+    return {"trained": per_layer[0].tolist(), "untrained": per_layer[1].tolist()}
 
 
-def heatmap(matrix, rows, cols, path, title, lo=None, hi=None, cell=12):
-    """A matrix as coloured cells. `rows`/`cols`: [(label, number of cells)] groups, labelled once each
-    and separated by white lines; a colour scale from lo to hi on the right."""
-    n_rows, n_cols = matrix.shape
-    lo = float(matrix.min()) if lo is None else lo
-    hi = float(matrix.max()) if hi is None else hi
-    pad_l, pad_t = 10 + 8 * max(len(label) for label, _ in rows), 50
-    width = max(pad_l + n_cols * cell + 80, int(FONT.getlength(title)) + 12)
-    img = Image.new("RGB", (width, pad_t + n_rows * cell + 12), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((6, 6), title, fill="black", font=FONT)
-    for i in range(n_rows):
-        for j in range(n_cols):
-            x, y = pad_l + j * cell, pad_t + i * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1],
-                           fill=colour((float(matrix[i, j]) - lo) / max(hi - lo, 1e-9)))
-    start = 0
-    for label, size in rows:
-        draw.text((6, pad_t + (start + size / 2) * cell - 7), label, fill="black", font=FONT)
-        if start:
-            draw.line([pad_l, pad_t + start * cell, pad_l + n_cols * cell, pad_t + start * cell], fill="white", width=2)
-        start += size
-    start = 0
-    for label, size in cols:
-        draw.text((pad_l + (start + size / 2) * cell - 4 * len(label), pad_t - 18), label, fill="black", font=FONT)
-        if start:
-            draw.line([pad_l + start * cell, pad_t, pad_l + start * cell, pad_t + n_rows * cell], fill="white", width=2)
-        start += size
-    bar_x, height = pad_l + n_cols * cell + 14, n_rows * cell
-    for k in range(height):
-        draw.line([bar_x, pad_t + k, bar_x + 12, pad_t + k], fill=colour(1 - k / max(height - 1, 1)))
-    draw.text((bar_x + 16, pad_t - 6), f"{hi:.2f}", fill="black", font=FONT)
-    draw.text((bar_x + 16, pad_t + height - 8), f"{lo:.2f}", fill="black", font=FONT)
-    img.save(path)
-
-
-def loss_figure(out):
-    """Loss curves of every stage from OUT/log.jsonl."""
-    curves = {}
-    with open(os.path.join(out, "log.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            stage = rec["stage"].split(":")[0]
-            name = rec["stage"].split(":")[1] if ":" in rec["stage"] else "loss"
-            for key in ([name] if stage != "unialign" else ["loss", "bind", "anchor", "prior"]):
-                xs, ys = curves.setdefault(stage, {}).setdefault(key, ([], []))
-                xs.append(rec["step"])
-                ys.append(rec["loss"] if key in ("loss", name) else rec[key])
-    titles = {"anchor": "anchor CLIP (Eq. 5)", "specialist": "specialists (Eq. 5)", "unialign": "UniAlign (Eq. 10)"}
-    line_panels([(titles[s], curves[s]) for s in titles if s in curves], os.path.join(out, "loss_curves.png"))
+def paired_in_training(train_sets):
+    """The modality pairs some training loss saw together: text with every modality (captions), and
+    image with each modality whose training set carries anchor images (Eq. 8)."""
+    pairs = {frozenset((m, "text")) for m in train_sets}
+    return pairs | {frozenset((m, "image")) for m, ds in train_sets.items() if ds.anchored}
 
 
 # ----------------------------------------------------------------------------- the evaluation
 
 def evaluate(out, device="cpu"):
     """Every benchmark of a finished run folder -> metrics.json, metrics.md and the figures."""
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    config = load_checkpoint(ckpt_path)["config"]
-    config["out"] = out
-    clip, bpe = load_anchor(config)
-    clip = clip.to(device).eval()
-    model, _ = load_model(ckpt_path, clip, device)
-    tests = build_datasets(config, "test")
-    trains = build_datasets(config, "train", config.get("modalities"))  # for the raw baseline; not the anchor's image-text set
+    model, clip, bpe, config = load_run(out, device)
     modalities = model.modalities
-    metrics = {"unialign": {"zero_shot_top1": {}, "zero_shot_top5": {}, "map": {}, "retrieval": {},
-                            "trainable_params": model.count_trainable()["total"],
-                            "trainable_by_part": model.count_trainable(), "router_mean_gate": {}},
-               "specialists": {"zero_shot_top1": {}, "trainable_params": 0},
-               "raw_baseline": {"zero_shot_top1": {}}, "emergent_r1": {}}
-    emb = {}
+    tests = build_datasets(config, "test", ["image", *modalities])
+    trains = build_datasets(config, "train", modalities)  # the raw baseline's class means; which pairs were seen
+    held_out = set(config.get("held_out") or [])
+    counts = model.count_trainable()
+    u = {"zero_shot_top1": {}, "zero_shot_top5": {}, "map": {}, "retrieval": {}, "trainable_params": counts["total"],
+         "trainable_by_part": counts, "routing_entropy": {}}
+    metrics = {"config": config, "classes": {}, "chance": {}, "unialign": u,
+               "specialists": {"zero_shot_top1": {}, "trainable_params": 0}, "raw_baseline": {"zero_shot_top1": {}},
+               "emergent": {}, "emergent_r1": {}}
+    if held_out:
+        u["seen_top1"], u["held_out_top1"] = {}, {}
+    embeddings = {}
     for m in modalities:
         ds = tests[m]
+        class_text = class_embeddings(clip, bpe, MODALITIES[m].prompts, ds.class_names, device)
         z, labels = embed(model, ds, device)
-        gate = router_mean_gate(model, ds, device)
-        emb[m] = (z, labels, ds.class_names)
-        scores = zero_shot(z, labels, class_embeddings(clip, bpe, m, ds.class_names, device).cpu())
-        u = metrics["unialign"]
-        u["zero_shot_top1"][m], u["zero_shot_top5"][m], u["map"][m] = scores["top1"], scores["top5"], scores["map"]
-        u["retrieval"][m] = retrieval(z, [ds[i]["text"] for i in range(len(ds))], clip, bpe, device)
-        u["router_mean_gate"][m] = gate.tolist()
+        embeddings[m] = (z, labels, ds.class_names)
+        metrics["classes"][m], metrics["chance"][m] = list(ds.class_names), 1 / len(ds.class_names)
+        scores = zero_shot(z, labels, class_text)
+        u["zero_shot_top1"][m], u["map"][m] = scores["top1"], scores["map"]
+        if "top5" in scores:
+            u["zero_shot_top5"][m] = scores["top5"]
+        if held_out:
+            unseen = torch.tensor([ds.class_names[k] in held_out for k in labels.tolist()])
+            for key, rows in (("seen_top1", ~unseen), ("held_out_top1", unseen)):
+                u[key][m] = zero_shot(z[rows], labels[rows], class_text)["top1"] if rows.any() else None
+        captions = sorted(set(ds.captions))
+        concept_of = {ds.captions[i]: ds[i]["label"] for i in range(len(ds))}
+        u["retrieval"][m] = concept_retrieval(z, labels.tolist(), encode_texts(clip, bpe, captions, device).cpu(),
+                                              [concept_of[c] for c in captions])
+        routing = routing_entropy(model, ds, device)
+        if routing:
+            u["routing_entropy"][m] = routing
         metrics["raw_baseline"]["zero_shot_top1"][m] = nearest_class_mean_top1(trains[m], ds)
         spec_path = os.path.join(out, f"specialist_{m}.pt")
         if os.path.exists(spec_path):
-            spec, _ = load_model(spec_path, clip, device)
-            zs, ls = embed(spec, ds, device)
-            metrics["specialists"]["zero_shot_top1"][m] = zero_shot(
-                zs, ls, class_embeddings(clip, bpe, m, ds.class_names, device).cpu())["top1"]
+            spec = load_model(spec_path, clip, device)[0]
+            metrics["specialists"]["zero_shot_top1"][m] = zero_shot(*embed(spec, ds, device), class_text)["top1"]
             metrics["specialists"]["trainable_params"] += spec.count_trainable()["total"]
     if "image" in tests:
         images = tests["image"]
-        with torch.no_grad():
-            z = torch.cat([model.encode("image", torch.stack([images[i]["input"] for i in range(k, min(k + 128, len(images)))]).to(device))[0].cpu()
-                           for k in range(0, len(images), 128)])
-        emb["image"] = (z, torch.tensor([images[i]["label"] for i in range(len(images))]), images.class_names)
-    names = list(emb)
+        embeddings["image"] = (*embed(model, images, device), images.class_names)
+    seen = paired_in_training(trains)
+    names = list(embeddings)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            metrics["emergent_r1"][f"{a}->{b}"] = emergent_r1(*emb[a], *emb[b])
+            r1, chance = cross_modal_r1(*embeddings[a], *embeddings[b])
+            paired = frozenset((a, b)) in seen
+            metrics["emergent"][f"{a}->{b}"] = {"r1": r1, "chance": chance, "paired_in_training": paired}
+            if not paired:
+                metrics["emergent_r1"][f"{a}->{b}"] = r1
     write_report(out, metrics, modalities)
-    figures(out, metrics, emb, modalities)
+    figures.loss_figure(out)
+    if u["routing_entropy"]:
+        figures.routing_figure(out, u["routing_entropy"], model.adapters[0].experts)
+    figures.similarity_figure(out, embeddings)
     return metrics
 
 
+def evaluate_manifests(ckpt, manifests, class_names=None, templates=None, device="cpu"):
+    """A trained run on any manifests (their "test" lines, or every line when none has a split):
+    zero-shot top-1 against the manifest's labels (or `class_names`) and concept-level retrieval."""
+    out = os.path.dirname(os.path.abspath(ckpt))
+    model, clip, bpe, config = load_run(out, device, ckpt)
+    results = {}
+    for path in manifests:
+        try:
+            ds = ManifestDataset(path, split="test", **sizes_of(config))
+        except SampleError as error:
+            if "no usable samples with split" not in str(error):
+                raise
+            ds = ManifestDataset(path, **sizes_of(config))
+        if ds.modality not in model.modalities:
+            raise SampleError(f"{path}: modality '{ds.modality}' was not trained in {ckpt} ({model.modalities})")
+        names = list(class_names or ds.class_names)
+        missing = sorted(set(ds.class_names) - set(names))
+        if missing:
+            raise SampleError(f"{path}: labels {missing[:5]} are not among the {len(names)} class names given")
+        labels = torch.tensor([names.index(ds.class_names[ds[i]["label"]]) for i in range(len(ds))])
+        z, _ = embed(model, ds, device)
+        class_text = class_embeddings(clip, bpe, templates or MODALITIES[ds.modality].prompts, names, device)
+        scores = zero_shot(z, labels, class_text)
+        results[path] = {"modality": ds.modality, "samples": len(ds), "classes": len(names),
+                         "chance": 1 / len(names), **{f"zero_shot_{k}": v for k, v in scores.items()}}
+    return results
+
+
 def mean(values):
+    values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
 
 
 def write_report(out, metrics, modalities):
-    """metrics.json, and metrics.md: the table a report would show (also printed)."""
-    u, s, raw = metrics["unialign"], metrics["specialists"], metrics["raw_baseline"]
+    """metrics.json, and metrics.md: the tables a report would show (also printed)."""
+    u, s, raw, chance = metrics["unialign"], metrics["specialists"], metrics["raw_baseline"], metrics["chance"]
     for block in (u["zero_shot_top1"], s["zero_shot_top1"], raw["zero_shot_top1"]):
         if block:
             block["mean"] = mean([block[m] for m in modalities if m in block])
-    fmt = lambda d, m: f"{d[m]:.3f}" if m in d else "-"
-    lines = ["| modality | raw NCM top-1 | specialist top-1 | UniAlign top-1 | UniAlign top-5 | mAP | x->t R@1 | t->x R@1 |",
-             "|---|---|---|---|---|---|---|---|"]
+    chance["mean"] = mean([chance[m] for m in modalities])
+    f = lambda d, m: f"{d[m]:.3f}" if d.get(m) is not None else "-"
+    r1 = lambda m, way: f"{u['retrieval'][m][way]['R@1']:.3f} ({u['retrieval'][m]['chance'][way]['R@1']:.3f})"
+    lines = ["Zero-shot classification, and retrieval by concept (chance in brackets):", "",
+             "| modality | classes | chance | raw NCM top-1 | specialist top-1 | UniAlign top-1 | UniAlign top-5 | mAP "
+             "| x->t R@1 | t->x R@1 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m in modalities:
-        r = u["retrieval"][m]
-        lines.append(f"| {m} | {fmt(raw['zero_shot_top1'], m)} | {fmt(s['zero_shot_top1'], m)} | "
-                     f"{fmt(u['zero_shot_top1'], m)} | {fmt(u['zero_shot_top5'], m)} | {fmt(u['map'], m)} | "
-                     f"{r['x2t']['R@1']:.3f} | {r['t2x']['R@1']:.3f} |")
-    lines.append(f"| **mean** | {fmt(raw['zero_shot_top1'], 'mean')} | {fmt(s['zero_shot_top1'], 'mean')} | "
-                 f"**{fmt(u['zero_shot_top1'], 'mean')}** | | | | |")
+        top5 = f"{u['zero_shot_top5'][m]:.3f} ({min(5, len(metrics['classes'][m])) * chance[m]:.3f})" \
+            if m in u["zero_shot_top5"] else "-"
+        lines.append(f"| {m} | {len(metrics['classes'][m])} | {chance[m]:.3f} | {f(raw['zero_shot_top1'], m)} | "
+                     f"{f(s['zero_shot_top1'], m)} | {f(u['zero_shot_top1'], m)} | {top5} | {f(u['map'], m)} | "
+                     f"{r1(m, 'x2t')} | {r1(m, 't2x')} |")
+    lines.append(f"| **mean** | | {chance['mean']:.3f} | {f(raw['zero_shot_top1'], 'mean')} | "
+                 f"{f(s['zero_shot_top1'], 'mean')} | **{f(u['zero_shot_top1'], 'mean')}** | | | | |")
     lines += ["", f"Trainable parameters: UniAlign {u['trainable_params']:,} (one model, every modality); "
-                  f"specialists {s['trainable_params']:,} (one model per modality, together).", "",
-              "Emergent retrieval R@1 by concept (pairs no dataset paired):", "",
-              "| pair | R@1 |", "|---|---|"]
-    lines += [f"| {pair} | {r1:.3f} |" for pair, r1 in metrics["emergent_r1"].items()]
-    lines.append(f"| **mean** | {mean(list(metrics['emergent_r1'].values())):.3f} |")
+                  f"specialists {s['trainable_params']:,} (one model per modality, together)."]
+    if "seen_top1" in u:
+        held = ", ".join(metrics["config"]["held_out"])
+        lines += ["", f"Held-out concepts ({held}: in no extended-modality training set), UniAlign top-1:", "",
+                  "| modality | seen concepts | held-out concepts | chance |", "|---|---|---|---|"]
+        lines += [f"| {m} | {f(u['seen_top1'], m)} | {f(u['held_out_top1'], m)} | {chance[m]:.3f} |" for m in modalities]
+    for paired, title in ((False, "Emergent retrieval, R@1 by concept: pairs no training loss ever paired"),
+                          (True, "Paired in training (anchor images, Eq. 8), so not emergent: R@1 by concept")):
+        rows = {p: e for p, e in metrics["emergent"].items() if e["paired_in_training"] == paired}
+        if not rows:
+            continue
+        lines += ["", title + ":", "", "| pair | R@1 | chance |", "|---|---|---|"]
+        lines += [f"| {p} | {e['r1']:.3f} | {e['chance']:.3f} |" for p, e in rows.items()]
+        average = mean([e["r1"] for e in rows.values()]), mean([e["chance"] for e in rows.values()])
+        lines.append(f"| **mean** | **{average[0]:.3f}** | {average[1]:.3f} |")
+        if not paired:
+            u["emergent_mean"] = average[0]
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "metrics.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    with open(os.path.join(out, "metrics.md"), "w") as file:
+        file.write(table)
+    with open(os.path.join(out, "metrics.json"), "w") as file:
+        json.dump(metrics, file, indent=1)
     print(table)
 
 
-def figures(out, metrics, emb, modalities):
-    """Loss curves, the router heat map, and the cross-modal similarity of concept-mean embeddings."""
-    loss_figure(out)
-    gates = metrics["unialign"]["router_mean_gate"]
-    rows = torch.tensor([gates[m] for m in modalities])  # (M, layers, E)
-    n_layers, n_experts = rows.shape[1:]
-    heatmap(rearrange(rows, "m l e -> m (l e)"), [(m, 1) for m in modalities],
-            [(f"L{l}", n_experts) for l in range(n_layers)], os.path.join(out, "router_gates.png"),
-            f"router: mean gate per modality, layer L and expert ({n_experts} per layer)", lo=0.0, cell=16)
-    concepts = emb[modalities[0]][2]
-    names = [m for m in emb if list(emb[m][2]) == list(concepts)]
-    means = []
-    for m in names:
-        z, labels, _ = emb[m]
-        means += [F.normalize(z[labels == c].mean(0), dim=-1) if (labels == c).any() else torch.zeros(z.shape[1])
-                  for c in range(len(concepts))]
-    means = torch.stack(means)
-    groups = [(m, len(concepts)) for m in names]
-    heatmap(means @ means.T, groups, [(m[:5], len(concepts)) for m in names], os.path.join(out, "similarity.png"),
-            "cosine similarity of concept-mean embeddings (same concept order in every block)", cell=6)
-
-
 def main():
-    p = argparse.ArgumentParser(description="Evaluate a UniAlign run folder (docs/method.md section 4).")
-    p.add_argument("--ckpt", required=True, help="OUT/ckpt.pt of a finished train.py run")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p = argparse.ArgumentParser(description="Evaluate a trained UniAlign run (docs/method.md section 4). "
+                                            "Arguments may be read from a file, one per line: @FILE.",
+                                fromfile_prefix_chars="@")
+    p.add_argument("--ckpt", required=True, help="RUN/ckpt.pt of a finished train.py run")
+    p.add_argument("--data", nargs="+", metavar="MANIFEST",
+                   help="evaluate on these manifests instead of the run's own test sets (their test lines, or all)")
+    p.add_argument("--classes", nargs="+", metavar="NAME",
+                   help="with --data: score against these class names (e.g. @classes.txt), not the manifest's labels")
+    p.add_argument("--prompts", nargs="+", metavar="TEMPLATE",
+                   help="with --data: prompt templates with {} for the class name (e.g. @prompts.txt)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="default: cuda when available")
     args = p.parse_args()
-    if not os.path.exists(args.ckpt):
-        raise SystemExit(f"{args.ckpt}: no such checkpoint")
-    evaluate(os.path.dirname(os.path.abspath(args.ckpt)), args.device)
+    if (args.classes or args.prompts) and not args.data:
+        p.error("--classes and --prompts go with --data")
+    if args.prompts and any("{}" not in t for t in args.prompts):
+        p.error("--prompts: every template needs {} where the class name goes")
+    try:
+        if not args.data:
+            evaluate(os.path.dirname(os.path.abspath(args.ckpt)), args.device)
+            return
+        results = evaluate_manifests(args.ckpt, args.data, args.classes, args.prompts, args.device)
+    except (SampleError, CheckpointError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print("| manifest | modality | samples | classes | chance | top-1 | top-5 | mAP |\n|---|---|---|---|---|---|---|---|")
+    for path, r in results.items():
+        top5 = f"{r['zero_shot_top5']:.3f}" if "zero_shot_top5" in r else "-"
+        print(f"| {path} | {r['modality']} | {r['samples']} | {r['classes']} | {r['chance']:.3f} | "
+              f"{r['zero_shot_top1']:.3f} | {top5} | {r['zero_shot_map']:.3f} |")
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval_data.json"), "w") as file:
+        json.dump(results, file, indent=1)
 
 
 if __name__ == "__main__":

@@ -48,13 +48,14 @@ def trainable_state(out):
 
 def test_smoke_recipe_writes_every_artefact(smoke):
     for name in STAGES + ["ckpt.pt", "log.jsonl", "metrics.json", "metrics.md", "loss_curves.png",
-                          "router_gates.png", "similarity.png"]:
+                          "routing.png", "similarity.png"]:
         assert (smoke / name).exists(), name
     metrics = json.loads((smoke / "metrics.json").read_text())
     for block in ("unialign", "specialists", "raw_baseline"):
         assert set(extended()) <= set(metrics[block]["zero_shot_top1"]), block
     assert metrics["unialign"]["trainable_params"] < metrics["specialists"]["trainable_params"]
-    assert "audio->point" in metrics["emergent_r1"] and "audio->image" in metrics["emergent_r1"]
+    assert "audio->point" in metrics["emergent_r1"] and "imu->image" in metrics["emergent_r1"]
+    assert metrics["emergent"]["audio->image"]["paired_in_training"]  # anchor images pair audio with image
     stages = {json.loads(line)["stage"].split(":")[0] for line in (smoke / "log.jsonl").read_text().splitlines()}
     assert stages == {"anchor", "specialist", "unialign"}
     ckpt = load_checkpoint(smoke / "ckpt.pt")

@@ -1,0 +1,126 @@
+"""Tests for eval.py: retrieval counted by concept (an oracle scores 1, random scores chance), exact
+chance levels, which modality pairs count as paired in training, and held-out concepts scored apart."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as evaluation
+import train
+
+
+def concept_world(n_concepts=6, per_concept=20, captions_per_concept=3, dim=32, seed=0):
+    """Items and captions around orthogonal concept directions: items (N, D) with their concepts,
+    captions (G, D) with theirs, and the concept directions themselves."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.linalg.qr(torch.randn(dim, n_concepts, generator=g)).Q.T  # (C, D) orthonormal
+    concepts = [c for c in range(n_concepts) for _ in range(per_concept)]
+    gallery_concepts = [c for c in range(n_concepts) for _ in range(captions_per_concept)]
+    captions = F.normalize(directions[gallery_concepts] + 0.1 * torch.randn(len(gallery_concepts), dim, generator=g), dim=-1)
+    return concepts, captions, gallery_concepts, directions
+
+
+def test_an_oracle_embedding_retrieves_by_concept_perfectly_both_ways():
+    concepts, captions, gallery_concepts, directions = concept_world()
+    oracle = directions[concepts]  # each item embedded as its concept's text direction
+    result = evaluation.concept_retrieval(oracle, concepts, captions, gallery_concepts)
+    assert result["x2t"]["R@1"] == 1.0 and result["t2x"]["R@1"] == 1.0
+
+
+def test_random_embeddings_score_about_chance():
+    """A random encoder: items and captions both embedded at random, so every ranking is random."""
+    concepts, captions, gallery_concepts, _ = concept_world(per_concept=200)
+    g = torch.Generator().manual_seed(5)
+    random = F.normalize(torch.randn(len(concepts), captions.shape[1], generator=g), dim=-1)
+    random_captions = F.normalize(torch.randn(*captions.shape, generator=g), dim=-1)
+    result = evaluation.concept_retrieval(random, concepts, random_captions, gallery_concepts)
+    assert result["chance"]["x2t"]["R@1"] == pytest.approx(1 / 6)
+    assert result["x2t"]["R@1"] == pytest.approx(1 / 6, abs=0.05)
+    assert result["x2t"]["R@5"] == pytest.approx(result["chance"]["x2t"]["R@5"], abs=0.07)
+
+
+def test_chance_recall_is_the_hypergeometric_count():
+    positives = torch.zeros(1, 10, dtype=torch.bool)
+    positives[0, :3] = True  # 3 positives among 10
+    assert evaluation.chance_recall_at(positives, 1) == pytest.approx(0.3)
+    assert evaluation.chance_recall_at(positives, 2) == pytest.approx(1 - math.comb(7, 2) / math.comb(10, 2))
+    assert evaluation.chance_recall_at(positives, 10) == 1.0
+
+
+def test_top5_is_left_out_with_five_classes_or_fewer():
+    z, labels = torch.eye(5), torch.arange(5)
+    assert "top5" not in evaluation.zero_shot(z, labels, torch.eye(5))
+    assert evaluation.zero_shot(torch.eye(6), torch.arange(6), torch.eye(6))["top5"] == 1.0
+
+
+class Set:
+    def __init__(self, anchored):
+        self.anchored = anchored
+
+
+def test_only_anchor_images_pair_a_modality_with_image():
+    seen = evaluation.paired_in_training({"audio": Set(True), "imu": Set(False)})
+    assert frozenset(("audio", "image")) in seen and frozenset(("imu", "image")) not in seen
+    assert frozenset(("audio", "imu")) not in seen and frozenset(("imu", "text")) in seen
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("held")
+    train.main(["--preset", "smoke", "--modalities", "audio", "depth", "--held-out", "cube", "--out", str(out)])
+    return json.loads((out / "metrics.json").read_text()), out
+
+
+def test_metrics_json_describes_itself(held_out_run):
+    metrics, _ = held_out_run
+    assert metrics["config"]["held_out"] == ["cube"] and metrics["config"]["preset"] == "smoke"
+    assert metrics["classes"]["audio"] == ["sphere", "cube", "cylinder", "cone"]
+    assert metrics["chance"]["audio"] == 0.25
+    assert metrics["emergent"]["audio->image"]["paired_in_training"] is True  # audio carries anchor images
+    assert metrics["emergent"]["audio->depth"]["paired_in_training"] is False
+    assert set(metrics["emergent_r1"]) == {p for p, e in metrics["emergent"].items() if not e["paired_in_training"]}
+    assert metrics["unialign"]["emergent_mean"] == pytest.approx(
+        sum(metrics["emergent_r1"].values()) / len(metrics["emergent_r1"]))
+    assert metrics["unialign"]["zero_shot_top5"] == {}  # 4 classes: top-5 would always be 1
+
+
+def test_held_out_concepts_are_scored_apart(held_out_run):
+    metrics, out = held_out_run
+    u = metrics["unialign"]
+    for m in ("audio", "depth"):
+        seen, held = u["seen_top1"][m], u["held_out_top1"][m]
+        # a quarter of the test set is the held-out concept: the overall top-1 is their weighted mean
+        assert u["zero_shot_top1"][m] == pytest.approx(0.75 * seen + 0.25 * held)
+    assert "Held-out concepts (cube" in (out / "metrics.md").read_text()
+
+
+def test_eval_cli_scores_a_manifest_against_typed_class_names(held_out_run, tmp_path):
+    """`eval.py --ckpt RUN/ckpt.pt --data MANIFEST --classes ...`: real WAV files of the run's world."""
+    import subprocess
+    import sys
+
+    from data import SyntheticDataset
+    from test_readers import write_manifest, write_wav
+
+    metrics, out = held_out_run
+    sizes = {k: metrics["config"][k] for k in ("image_size", "audio_seconds")}
+    world = SyntheticDataset("audio", "test", 8, concepts=4, seed=metrics["config"]["world_seed"], **sizes)
+    rows = []
+    for i in range(8):
+        write_wav(tmp_path / f"{i}.wav", world.raw(i)[:, None] / 2, 16000)
+        rows.append({"modality": "audio", "path": f"{i}.wav", "label": world.class_names[world[i]["label"]]})
+    manifest = write_manifest(tmp_path, rows)
+    classes = ["sphere", "cube", "cylinder", "cone", "banana"]
+    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out / "ckpt.pt"), "--data", str(manifest),
+                           "--classes", *classes], capture_output=True, text=True, cwd=evaluation.__file__.rsplit("/", 1)[0])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "eval_data.json").read_text())[str(manifest)]
+    assert result["samples"] == 8 and result["classes"] == 5 and result["chance"] == pytest.approx(0.2)
+    assert "| audio | 8 | 5 | 0.200 |" in proc.stdout
+    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out / "ckpt.pt"), "--data", str(manifest),
+                           "--classes", "sphere"], capture_output=True, text=True, cwd=evaluation.__file__.rsplit("/", 1)[0])
+    assert proc.returncode == 1 and "are not among the 1 class names given" in proc.stderr
+    assert "Traceback" not in proc.stderr
