@@ -70,6 +70,19 @@ def test_finished_stages_are_reused_and_other_settings_refused(smoke, capsys):
         train.main(["--preset", "smoke", "--out", str(smoke), "--no-eval", "--experts", "3"])
 
 
+def test_unialign_does_not_depend_on_how_earlier_stages_were_obtained(smoke, tmp_path, capsys):
+    """Copying the anchor and the specialists into a fresh folder and rerunning gives the UniAlign of
+    the run that trained them, bit for bit: each stage is seeded from (seed, its name)."""
+    out = with_finished_stages(smoke, tmp_path / "copied")
+    train.main(["--preset", "smoke", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "anchor: reusing" in printed and "specialist:audio: reusing" in printed
+    a, b = trainable_state(smoke), trainable_state(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before, after = (json.loads((o / "metrics.json").read_text())["unialign"] for o in (smoke, out))
+    assert before == after
+
+
 def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, tmp_path):
     flags = ["--preset", "smoke", "--steps", "12", "--ckpt-every", "2", "--no-eval"]
     whole = with_finished_stages(smoke, tmp_path / "whole")
