@@ -1,11 +1,13 @@
-"""Checkpoint files: whole or refused, never half-written or silently corrupt.
+"""Checkpoint files: whole or refused, never half-written or silently corrupt; one run per folder.
 
 A checkpoint is the SHA-256 of its payload on the first line, then the payload (`torch.save`).
 `save_checkpoint` writes a temporary file, flushes and fsyncs it, renames it over the old one and
 fsyncs the folder, so a kill at any moment leaves either the old file or the new one.
 `load_checkpoint` refuses a truncated, empty or altered file in one line that names it.
+`lock_run_folder` keeps a second run out of a folder in use.
 """
 
+import fcntl
 import hashlib
 import io
 import os
@@ -54,3 +56,29 @@ def remove_temp_files(folder):
     for name in stale:
         os.remove(os.path.join(folder, name))
     return stale
+
+
+def lock_run_folder(out):
+    """One run per folder: an exclusive lock on OUT/.lock, held until this process exits (a dead
+    process's lock is released by the kernel; the pid inside says who holds a live one)."""
+    handle = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise CheckpointError(f"{out} is in use by another run (pid {handle.read().strip() or '?'}); "
+                              f"wait for it or choose another --out") from None
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous and previous != str(os.getpid()):
+        print(f"{out}: taking over the lock of pid {previous}, which is no longer running")
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def unlock_run_folder(handle):
+    """A clean exit empties the lock file: only a killed run leaves its pid behind."""
+    handle.truncate(0)
+    handle.close()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import reduce
 
 import figures
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError
 from data import ManifestDataset, SampleError, build_datasets, nearest_class_mean_top1, sizes_of
 from encoder import embed, encode_texts, load_model, load_run
 from modalities import MODALITIES

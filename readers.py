@@ -18,7 +18,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageSequence
 
-from preprocess import SAMPLE_RATE, resample
+from preprocess import resample
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif"}
 

@@ -5,12 +5,9 @@ the reference while writing; the reference itself (ftfy, regex) is not a depende
 """
 
 import gzip
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
 from bpe import BPETokenizer, clean, pretokenize
 

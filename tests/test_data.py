@@ -1,12 +1,9 @@
 """Tests for data.py: manifests are checked at open and bad samples named or skipped, labels become
 prompts, and batches mix datasets reproducibly, sharded across ranks."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import data
 from test_readers import write_manifest
