@@ -74,10 +74,16 @@ def non_negative(kind):
 
 
 def get_args(argv=None, description=None):
+    """train.py's flags -> the resolved, checked settings; a preset sets the sizes a later flag may override."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=PRESETS, default="default")
-    preset = PRESETS[pre.parse_known_args(argv)[0].preset]
+    parser = make_parser(PRESETS[pre.parse_known_args(argv)[0].preset], description)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
 
+
+def make_parser(preset, description=None):
     def by_preset(key):
         return "presets: " + ", ".join(f"{name} {p[key]}" for name, p in PRESETS.items())
 
@@ -185,9 +191,7 @@ def get_args(argv=None, description=None):
     g.add_argument("--lambda-bal", type=non_negative(float), default=0.01, help="weight of L_bal in Eq. 10 (default: %(default)s)")
 
     p.set_defaults(**preset)
-    args = p.parse_args(argv)
-    check_args(p, args)
-    return args
+    return p
 
 
 def check_args(parser, args):

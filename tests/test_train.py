@@ -128,6 +128,34 @@ def test_eval_cli_on_a_finished_run(smoke):
     assert all(0.0 <= v <= 1.0 for v in metrics["unialign"]["zero_shot_top1"].values())
 
 
+def test_every_flag_is_explained_and_preset_values_shown():
+    import argparse
+
+    import config
+    parser = config.make_parser(config.PRESETS["default"])
+    for action in parser._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.dest
+    for key in config.PRESETS["default"]:
+        help_text = next(a.help for a in parser._actions if a.dest == key)
+        assert "presets: " + ", ".join(f"{n} {p[key]}" for n, p in config.PRESETS.items()) in help_text, key
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--experts", "1", "--top-k", "2"], "--top-k 2 is more than --experts 1"),
+    (["--lr", "-1"], "argument --lr: must be > 0, got -1"),
+    (["--steps", "0"], "argument --steps: must be > 0, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
+    (["--held-out", "banana"], "--held-out: unknown concept ['banana']"),
+    (["--modalities", "smell"], "--modalities: unknown ['smell']"),
+])
+def test_impossible_settings_are_refused_before_any_work_in_one_line(flags, message, capsys):
+    import config
+    with pytest.raises(SystemExit) as exit:
+        config.get_args(["--preset", "smoke", "--out", "/nonexistent/never", *flags])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"train.py: error: {message}"
+
+
 def test_help_reads_well():
     proc = run("train.py", "--help")
     text, _ = proc.communicate(timeout=120)
