@@ -53,9 +53,14 @@ class ManifestDataset(torch.utils.data.Dataset):
     """One dataset = one JSON Lines manifest of ONE modality (a manifest mixing modalities is an error).
 
     Each line: {"modality", "path", "text" and/or "label", optional "anchor_image", "prior",
-    "split"}; paths are relative to the manifest's folder. With `split`, only lines carrying that
-    split are kept. A label without text becomes a caption through the modality's prompts; `class_names` are the
-    sorted labels and `label` indexes them (-1 when a line has none).
+    "split"}; paths are relative to the manifest's folder (or absolute). Lines are split on "\n"
+    only, and a UTF-8 byte-order mark is accepted. A label without text becomes a caption through
+    the modality's prompts; `class_names` are the sorted labels and `label` indexes them (-1 when a
+    line has none). Every prior embedding of a manifest has the same size, checked at open.
+
+    Splits: with `split`, only lines carrying that split are kept. A manifest either gives every
+    line a "split" or none: without any, every line belongs to every split; a manifest mixing
+    lines with and without one is refused at open, so no line is dropped silently.
 
     on_bad="raise": the manifest is checked at open (JSON, fields, modality, files exist) and a
     file that cannot be decoded raises SampleError when it is read.
@@ -72,11 +77,26 @@ class ManifestDataset(torch.utils.data.Dataset):
         if on_bad not in ("raise", "skip"):
             raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
         self.path, self.split, self.sizes = Path(path), split, {**DEFAULT_SIZES, **sizes}
-        self.modality, self.entries, bad = None, [], []
-        for line_no, line in enumerate(self.path.read_text().splitlines(), start=1):
+        self.modality, self.entries, self.prior_size, bad = None, [], None, []
+        records = []
+        for line_no, line in enumerate(self.read_lines(), start=1):
             try:
-                entry = self.check_line(line, line_no)
-                if entry is not None and on_bad == "skip":
+                records.append((line_no, self.parse(line, line_no)))
+            except SampleError as err:
+                if on_bad == "raise":
+                    raise
+                bad.append(str(err))
+        records = [(n, r) for n, r in records if r is not None]
+        without = [n for n, r in records if "split" not in r]
+        if without and len(without) < len(records):
+            raise self.error(without[0], "no 'split', while other lines have one: give every line a split, or none "
+                                         "(then every line belongs to every split)")
+        for line_no, record in records:
+            if split is not None and without == [] and record["split"] != split:
+                continue
+            try:
+                entry = self.check_line(record, line_no)
+                if on_bad == "skip":
                     self.load(entry)
             except SampleError as err:
                 if on_bad == "raise":
@@ -106,8 +126,18 @@ class ManifestDataset(torch.utils.data.Dataset):
     def error(self, line_no, message, file=None):
         return SampleError(f"{self.path}: line {line_no}: " + (f"{file}: " if file else "") + message)
 
-    def check_line(self, line, line_no):
-        """A manifest line -> entry dict with resolved paths, None for a blank line or another split."""
+    def read_lines(self):
+        """The manifest's lines, split on "\n" only (U+2028 may stand inside a JSON string)."""
+        if not self.path.is_file():
+            raise SampleError(f"{self.path}: no such manifest")
+        try:
+            text = self.path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise SampleError(f"{self.path}: not UTF-8 text (byte {err.start})") from None
+        return [line.removesuffix("\r") for line in text.split("\n")]
+
+    def parse(self, line, line_no):
+        """A manifest line -> its JSON object, None for a blank line."""
         if not line.strip():
             return None
         try:
@@ -116,8 +146,10 @@ class ManifestDataset(torch.utils.data.Dataset):
             raise self.error(line_no, f"not valid JSON ({err.msg})") from None
         if not isinstance(record, dict):
             raise self.error(line_no, "expected a JSON object")
-        if self.split is not None and record.get("split") != self.split:
-            return None
+        return record
+
+    def check_line(self, record, line_no):
+        """A manifest line's JSON object -> entry dict with resolved paths and the paths as written."""
         modality = record.get("modality")
         if modality not in MODALITIES:
             raise self.error(line_no, f"unknown modality {modality!r}; expected one of {sorted(MODALITIES)}")
@@ -125,36 +157,55 @@ class ManifestDataset(torch.utils.data.Dataset):
             raise self.error(line_no, f"modality '{modality}' in a manifest of '{self.modality}': "
                                       "one modality per manifest")
         text, label = record.get("text"), record.get("label")
-        if not text and label in (None, ""):
-            raise self.error(line_no, "neither 'text' nor 'label' given")
         if text is not None and not isinstance(text, str):
             raise self.error(line_no, f"'text' must be a string, got {type(text).__name__}")
-        if "path" not in record:
+        if text is not None and text and not text.strip():
+            raise self.error(line_no, "'text' is only whitespace")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+            raise self.error(line_no, f"'label' must be a string or a number, got {json.dumps(label)}")
+        if not text and label in (None, ""):
+            raise self.error(line_no, "neither 'text' nor 'label' given")
+        if not record.get("path"):
             raise self.error(line_no, "no 'path' given")
-        entry = {"line": line_no, "modality": modality, "text": text,
+        entry = {"line": line_no, "modality": modality, "text": text, "written": {},
                  "label": None if label in (None, "") else str(label)}
         for key in ("path", "anchor_image", "prior"):
             if record.get(key) is not None and not isinstance(record[key], str):
                 raise self.error(line_no, f"'{key}' must be a string path, got {record[key]!r}")
-            entry[key] = None if record.get(key) is None else self.path.parent / record[key]
+            entry["written"][key] = record.get(key)
+            entry[key] = None if record.get(key) is None else self.path.parent / record[key]  # an absolute path stays
             if entry[key] is not None and not entry[key].exists():
                 raise self.error(line_no, f"{key} file does not exist", record[key])
+        if entry["prior"] is not None:
+            self.check_prior_size(entry, line_no)
         return entry
+
+    def check_prior_size(self, entry, line_no):
+        """Every prior embedding of a manifest has the size of the first one (Eq. 9 stacks them)."""
+        try:
+            size = np.load(entry["prior"], mmap_mode="r", allow_pickle=False).size
+        except READ_ERRORS as err:
+            raise self.error(line_no, f"cannot read the prior: {err}", entry["written"]["prior"]) from None
+        if self.prior_size is None:
+            self.prior_size = size
+        elif size != self.prior_size:
+            raise self.error(line_no, f"prior has {size} values, the manifest's first prior has {self.prior_size}",
+                             entry["written"]["prior"])
 
     def load(self, entry):
         """entry -> (input, anchor image or None, prior or None); any read problem becomes a SampleError."""
-        file = entry["path"]
+        key = "path"
         try:
             spec = MODALITIES[entry["modality"]]
-            x = spec.preprocess(spec.read(file, self.sizes), self.sizes)
+            x = spec.preprocess(spec.read(entry["path"], self.sizes), self.sizes)
             if not torch.isfinite(x).all():
                 raise ValueError("preprocessing produced NaN or inf")
-            file = entry["anchor_image"]
-            anchor = None if file is None else normalize_image(read_image(file), self.sizes["image_size"])
-            file = entry["prior"]
-            prior = None if file is None else read_prior(file)
+            key = "anchor_image"
+            anchor = None if entry[key] is None else normalize_image(read_image(entry[key]), self.sizes["image_size"])
+            key = "prior"
+            prior = None if entry[key] is None else read_prior(entry[key])
         except READ_ERRORS as err:
-            raise self.error(entry["line"], str(err), file.relative_to(self.path.parent)) from err
+            raise self.error(entry["line"], str(err), entry["written"][key]) from err
         return x, anchor, prior
 
     def __len__(self):

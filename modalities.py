@@ -101,14 +101,14 @@ MODALITIES = {
         settings=image_like,
         generate=world.gen_tactile),
     "imu": Modality(
-        read=lambda path, sizes: readers.read_series(path),
+        read=lambda path, sizes: readers.read_series(path, 6),
         preprocess=lambda x, sizes: preprocess.normalize_series(x, 6, sizes["imu_length"]),
         prompts=("the motion of a {}.", "inertial readings of a {}.", "movement data of a {}."),
         tokenizer=tokenizers.IMUTokenizer,
         settings=lambda shape, sizes: dict(length=shape[-1], kernel=sizes["series_kernel"]),
         generate=world.gen_imu),
     "eeg": Modality(
-        read=lambda path, sizes: readers.read_series(path),
+        read=lambda path, sizes: readers.read_series(path, sizes["eeg_channels"]),
         preprocess=lambda x, sizes: preprocess.normalize_series(x, sizes["eeg_channels"], sizes["eeg_length"]),
         prompts=("brain activity while seeing a {}.", "an EEG recording of a {}.", "the neural response to a {}."),
         tokenizer=tokenizers.EEGTokenizer,

@@ -27,12 +27,22 @@ LOG_FLOOR = 1e-6  # just above the quantisation noise of 16-bit audio in one mel
 def resize_center_crop(x, size):
     """(C, H, W) float tensor -> (C, size, size): shortest side to `size` (bicubic, antialiased), centre crop.
 
-    CLIP's recipe. Torch's antialiased bicubic stands in for Pillow's, so uint8 and float inputs
-    (real files, synthetic renders) share one path.
+    CLIP's recipe. The long side is first cut to its centre, the square plus the filter's reach on
+    each side, so work and memory stay of the order of the output whatever the aspect ratio (a
+    1 x 1500 strip is not first stretched to 224 x 336,000). Torch's antialiased bicubic stands in
+    for Pillow's, so uint8 and float inputs (real files, synthetic renders) share one path.
     """
     h, w = x.shape[-2:]
-    if min(h, w) != size:
-        scale = size / min(h, w)
+    short = min(h, w)
+    reach = math.ceil(2 * max(1.0, short / size)) + 1  # source pixels the bicubic filter reads past the square
+    if h > short + 2 * reach:
+        top = (h - short) // 2 - reach
+        x, h = x[:, top:top + short + 2 * reach], short + 2 * reach
+    if w > short + 2 * reach:
+        left = (w - short) // 2 - reach
+        x, w = x[:, :, left:left + short + 2 * reach], short + 2 * reach
+    if short != size:
+        scale = size / short
         new_hw = (max(size, round(h * scale)), max(size, round(w * scale)))
         x = F.interpolate(x[None], size=new_hw, mode="bicubic", antialias=True, align_corners=False)[0]
         h, w = new_hw
@@ -143,18 +153,15 @@ def disparity(depth_m, min_depth=0.1):
 
 
 def normalize_series(arr, channels, length):
-    """Multichannel time series (C, T) or (T, C) -> (channels, length) float32 for imu and eeg.
+    """Multichannel time series (channels, T) -> (channels, length) float32 for imu and eeg.
 
-    The layout is decided by the configured channel count: (C, T) when the first axis has
-    `channels` entries, otherwise (T, C) when the second does (so a square array reads as
-    (C, T)). Cropped from the start or zero-padded to `length`, after each channel is
-    standardised over time, so that units (g or m/s^2, volts or microvolts) do not matter.
+    Each channel is standardised over time, so that units (g or m/s^2, volts or microvolts) do not
+    matter, then cropped from the start or zero-padded to `length`. readers.read_series puts a
+    file's series in this layout; the synthetic world generates it so.
     """
     x = torch.as_tensor(np.asarray(arr, dtype=np.float32))
-    if x.ndim != 2 or channels not in x.shape:
-        raise ValueError(f"expected a ({channels}, T) or (T, {channels}) series, got shape {tuple(x.shape)}")
-    if x.shape[0] != channels:
-        x = rearrange(x, "t c -> c t")
+    if x.ndim != 2 or x.shape[0] != channels:
+        raise ValueError(f"expected a ({channels}, T) series, got shape {tuple(x.shape)}")
     x = (x - x.mean(1, keepdim=True)) / (x.std(1, unbiased=False, keepdim=True) + 1e-6)
     return F.pad(x[:, :length], (0, max(0, length - x.shape[1])))
 

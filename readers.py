@@ -46,8 +46,16 @@ def require_finite(arr):
 
 
 def read_image(path):
-    """Any image Pillow decodes -> RGB PIL image (palette, grey and alpha are converted)."""
+    """Any image Pillow decodes -> RGB PIL image (palette, grey and alpha are converted).
+
+    16- and 32-bit greyscale ("I;16", "I") would saturate at 255 in Pillow's RGB conversion: they
+    are scaled to 8 bits by their type's range first (65535 for 16-bit, the largest value for 32-bit).
+    """
     with Image.open(path) as img:
+        if img.mode.startswith("I"):
+            grey = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") else max(float(grey.max()), 1.0)
+            return Image.fromarray(np.round(grey.clip(0, top) / top * 255).astype(np.uint8)).convert("RGB")
         return img.convert("RGB")
 
 
@@ -115,6 +123,8 @@ def read_wav(path):
         n = len(raw) // max(1, channels * width)
     except EOFError:
         raise ValueError("truncated WAV file: header incomplete") from None
+    if n == 0:
+        raise ValueError("WAV file has 0 samples")
     if channels < 1 or rate < 1:
         raise ValueError(f"bad WAV header: {channels} channels at {rate} Hz")
     if len(raw) < n * channels * width:
@@ -188,20 +198,36 @@ def read_ply(path):
 
 
 def read_off(path):
-    """OFF mesh -> (N, 3) vertices (faces are ignored). Accepts 'OFF' and the counts on one line."""
-    words = [line.split("#")[0].split() for line in Path(path).read_text(errors="replace").splitlines()]
-    tokens = [w for line in words for w in line]
-    if not tokens or not tokens[0].startswith("OFF"):
+    """OFF mesh -> (V, 3) vertices (faces are ignored), the header's counts checked against the data.
+
+    Layout: "OFF", then "V F E" (on the same line, as ModelNet's "OFF490 518 0" has it, or on the
+    next), then V lines of x y z, then F face lines. '#' starts a comment.
+    """
+    lines = [words for line in Path(path).read_text(errors="replace").splitlines()
+             if (words := line.split("#")[0].split())]
+    if not lines or not lines[0][0].startswith("OFF"):
         raise ValueError("not an OFF file: 'OFF' header missing")
-    tokens = [tokens[0][3:]] + tokens[1:] if tokens[0] != "OFF" else tokens[1:]
+    counts = ([lines[0][0][3:]] if lines[0][0] != "OFF" else []) + lines[0][1:]
+    body = lines[1:]
+    if not counts:
+        counts, body = (lines[1], lines[2:]) if len(lines) > 1 else ([], [])
     try:
-        n = int(tokens[0])
-        values = np.array(tokens[3: 3 + 3 * n], dtype=np.float64)
-    except (IndexError, ValueError) as err:
+        n_vertices, n_faces = int(counts[0]), int(counts[1])
+    except (IndexError, ValueError):
+        raise ValueError("bad OFF file: the header's vertex and face counts are missing") from None
+    if n_vertices < 1:
+        raise ValueError(f"bad OFF file: header says {n_vertices} vertices")
+    if len(body) < n_vertices + n_faces:
+        raise ValueError(f"truncated OFF file: header says {n_vertices} vertices and {n_faces} faces, "
+                         f"the file has {len(body)} data lines")
+    rows = body[:n_vertices]
+    if any(len(row) != 3 for row in rows):
+        k = next(k for k, row in enumerate(rows) if len(row) != 3)
+        raise ValueError(f"bad OFF file: vertex {k} has {len(rows[k])} values, not 3 (is the vertex count right?)")
+    try:
+        return np.array(rows, dtype=np.float64)
+    except ValueError as err:
         raise ValueError(f"bad OFF file: {err}") from None
-    if len(values) != 3 * n:
-        raise ValueError(f"truncated OFF file: {n} vertices expected")
-    return values.reshape(n, 3)
 
 
 def read_text_table(path, header=False):
@@ -291,15 +317,28 @@ def read_video_frames(path, count):
     return [frames[k] for k in wanted]
 
 
-def read_series(path):
-    """Time series file -> 2-D float64 array: .npy as stored, .csv with a header row as (T, C)."""
-    if Path(path).suffix.lower() == ".npy":
-        arr = load_npy(path)
-    elif Path(path).suffix.lower() == ".csv":
+def read_series(path, channels):
+    """Time series file -> (channels, T) float64, its orientation decided by the channel count.
+
+    .csv: a header row, then one row per time step and one column per channel (rows are time,
+    always, even when there are as many rows as channels). .npy: (C, T) when the first axis has
+    `channels` entries, else (T, C) when the second has; a square array is read as (C, T), the way
+    numpy arrays of signals are usually stored.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
         arr = read_text_table(path, header=True)
+        if arr.size and arr.shape[1] != channels:
+            raise ValueError(f"CSV has {arr.shape[1]} columns, {channels} channels configured (rows are time)")
+        arr = arr.T
+    elif suffix == ".npy":
+        arr = np.asarray(load_npy(path), dtype=np.float64)
+        if arr.ndim != 2 or channels not in arr.shape:
+            raise ValueError(f"expected a ({channels}, T) or (T, {channels}) array, got shape {arr.shape}")
+        arr = arr if arr.shape[0] == channels else arr.T
     else:
         raise ValueError(f"unknown time series format '{Path(path).suffix}'")
-    if np.asarray(arr).size == 0:
+    if arr.size == 0:
         raise ValueError("time series is empty")
     return require_finite(arr)
 

@@ -1,6 +1,8 @@
 """Tests for data.py: manifests are checked at open and bad samples named or skipped, labels become
 prompts, and batches mix datasets reproducibly, sharded across ranks."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,63 @@ def test_mixed_dataset_through_a_dataloader(tmp_path):
     batch = next(iter(loader))
     assert sum(len(i) for i in batch["index"].values()) == 6
     assert all(batch["inputs"][m].shape[1:] == {"point": (16, 3), "eeg": (3, 20)}[m] for m in batch["inputs"])
+
+
+# ---------- manifests that are odd but legal, or wrong in ways that must be named ----------
+
+def test_lines_split_on_newline_only_and_a_bom_is_accepted(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((10, 3)))
+    rows = [{"modality": "point", "path": "x.npy", "text": "a cube\u2028 seen from above"},
+            {"modality": "point", "path": "x.npy", "label": "b"}]
+    (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
+    ds = data.ManifestDataset(tmp_path / "m.jsonl", points=16)
+    assert len(ds) == 2 and ds[0]["text"] == "a cube\u2028 seen from above"
+
+
+def test_lines_without_split_belong_to_every_split_and_mixing_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((10, 3)))
+    plain = [{"modality": "point", "path": "x.npy", "label": c} for c in "ab"]
+    path = write_manifest(tmp_path, plain)
+    assert len(data.ManifestDataset(path, split="train", points=16)) == 2
+    assert len(data.ManifestDataset(path, split="test", points=16)) == 2
+    mixed = write_manifest(tmp_path, [{**plain[0], "split": "train"}, plain[1]], name="mixed.jsonl")
+    with pytest.raises(data.SampleError, match=r"mixed\.jsonl: line 2: no 'split', while other lines have one"):
+        data.ManifestDataset(mixed, split="test", points=16)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"label": ["a", "b"]}, "'label' must be a string or a number, got \\[\"a\", \"b\"\\]"),
+    ({"text": "   "}, "'text' is only whitespace"),
+    ({"label": "a", "path": None}, "no 'path' given"),
+])
+def test_wrong_fields_are_named_with_file_and_line(tmp_path, fields, message):
+    np.save(tmp_path / "x.npy", np.ones((10, 3)))
+    path = write_manifest(tmp_path, [{"modality": "point", "path": "x.npy", "label": "a"},
+                                     {"modality": "point", "path": "x.npy", **fields}])
+    with pytest.raises(data.SampleError, match=rf"set\.jsonl: line 2: {message}"):
+        data.ManifestDataset(path)
+
+
+def test_a_prior_of_another_size_is_named_when_the_line_is_read(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((10, 3)))
+    np.save(tmp_path / "p5.npy", np.ones(5, dtype=np.float32))
+    np.save(tmp_path / "p7.npy", np.ones(7, dtype=np.float32))
+    path = write_manifest(tmp_path, [{"modality": "point", "path": "x.npy", "label": "a", "prior": "p5.npy"},
+                                     {"modality": "point", "path": "x.npy", "label": "b", "prior": "p7.npy"}])
+    with pytest.raises(data.SampleError, match=r"line 2: p7\.npy: prior has 7 values, the manifest's first prior has 5"):
+        data.ManifestDataset(path)
+
+
+def test_a_bad_file_given_by_absolute_path_is_reported(tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3)))
+    absolute = str(tmp_path / "empty.npy")
+    manifest_dir = tmp_path / "elsewhere"
+    manifest_dir.mkdir()
+    ds = data.ManifestDataset(write_manifest(manifest_dir, [{"modality": "point", "path": absolute, "label": "a"}]))
+    with pytest.raises(data.SampleError, match=rf"line 1: {absolute}: point cloud has 0 points"):
+        ds[0]
+
+
+def test_a_missing_manifest_is_named(tmp_path):
+    with pytest.raises(data.SampleError, match=r"nothing\.jsonl: no such manifest"):
+        data.ManifestDataset(tmp_path / "nothing.jsonl")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import readers
 
 
 # ---------- helpers writing files the tests read back ----------
@@ -190,3 +191,59 @@ def test_labels_become_prompts_and_class_indices(tmp_path):
     assert first["prior"].shape == (5,) and ds[1]["prior"] is None
     test = data.ManifestDataset(write_manifest(tmp_path, rows), split="test", image_size=16)
     assert test[0]["label"] == -1 and test[0]["text"] == "rough bark"
+
+
+# ---------- odd files ----------
+
+def test_a_thin_strip_is_cropped_before_it_is_resized(monkeypatch):
+    """Memory of the order of the output: a 1 x 1500 strip is not first stretched to 224 x 336,000."""
+    import preprocess
+    sizes, interpolate = [], preprocess.F.interpolate
+    monkeypatch.setattr(preprocess.F, "interpolate", lambda x, **kw: sizes.append(kw["size"]) or interpolate(x, **kw))
+    out = preprocess.normalize_image(np.full((1, 1500, 3), 128, np.uint8), 224)
+    assert out.shape == (3, 224, 224)
+    assert sizes and max(h * w for h, w in sizes) <= 8 * 224 * 224  # it was 224 x 336,000
+
+
+def test_a_16_bit_grey_png_keeps_its_range(tmp_path):
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
+    rgb = np.asarray(readers.read_image(tmp_path / "grey16.png"))
+    assert rgb.min() == 0 and rgb.max() == 255 and len(np.unique(rgb[..., 0])) > 200  # not saturated at 255
+    assert np.all(np.diff(rgb[..., 0].reshape(-1).astype(int)) >= 0)  # the ramp still rises
+
+
+def test_a_wav_without_samples_is_refused(tmp_path):
+    write_wav(tmp_path / "empty.wav", np.zeros((0, 1)), 16000)
+    with pytest.raises(ValueError, match="0 samples"):
+        readers.read_wav(tmp_path / "empty.wav")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("OFF\n4 0 0\n0 0 0\n1 0 0\n0 1 0\n", "header says 4 vertices and 0 faces, the file has 3 data lines"),
+    ("OFF\n0 0 0\n1 0 0\n0 1 0\n", "header says 0 vertices"),
+    ("OFF\n", "counts are missing"),
+    ("OFF\n2 1 0\n0 0 0\n1 0 0\n", "header says 2 vertices and 1 faces, the file has 2 data lines"),
+    ("OFF\n3 1 0\n0 0 0\n1 0 0\n3 0 1 2\n0 1 0\n", "vertex 2 has 4 values"),
+])
+def test_off_header_counts_are_checked_against_the_data(tmp_path, text, message):
+    (tmp_path / "m.off").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        readers.read_off(tmp_path / "m.off")
+
+
+def test_off_faces_are_not_read_as_vertices(tmp_path):
+    (tmp_path / "m.off").write_text("OFF3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n")  # counts on the OFF line, as ModelNet
+    assert readers.read_off(tmp_path / "m.off").tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0]]
+
+
+def test_a_square_csv_keeps_rows_as_time_and_a_square_npy_is_channels_first(tmp_path):
+    x = np.arange(36, dtype=np.float64).reshape(6, 6)  # as many time steps as channels
+    (tmp_path / "s.csv").write_text("a,b,c,d,e,f\n" + "\n".join(",".join(str(v) for v in row) for row in x))
+    np.save(tmp_path / "s.npy", x)
+    assert np.array_equal(readers.read_series(tmp_path / "s.csv", 6), x.T)  # (channels, time)
+    assert np.array_equal(readers.read_series(tmp_path / "s.npy", 6), x)
+    (tmp_path / "wide.csv").write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(ValueError, match="CSV has 3 columns, 6 channels configured"):
+        readers.read_series(tmp_path / "wide.csv", 6)
