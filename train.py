@@ -135,8 +135,10 @@ def train_loop(stage, model, loss_fn, datasets, steps, batch_size, lr, args, ckp
             bad += 1
             log(f"{stage} step {step}: non-finite loss, step skipped ({bad} in a row)")
         optimizer.zero_grad(set_to_none=True)
-        if bad >= args.max_bad_steps:
-            kept = f"; the last good state is in {ckpt_path}" if ckpt_path else ""
+        if bad >= args.max_bad_steps:  # the skipped steps left the weights as the last good step made them
+            if ckpt_path and rank == 0:
+                checkpoint()
+            kept = f"; the last good state is saved in {ckpt_path}" if ckpt_path else ""
             raise SystemExit(f"{stage}: {bad} non-finite losses in a row at step {step}, stopping{kept}. "
                              f"Try a lower --lr, or --precision fp32 or bf16.")
         step += 1

@@ -1,0 +1,99 @@
+"""Tests for checkpoint.py and train.py's use of it: a damaged checkpoint is refused in one line, a
+kill during a save leaves the old file whole, a run killed again and again resumes to the very
+state of an uninterrupted one, one folder takes one run, and non-finite losses stop cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint
+from test_train import ROOT, run, trainable_state, with_finished_stages, smoke  # noqa: F401 (the fixture)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "flipped"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"weights": torch.arange(1000.0)}, path)
+    blob = path.read_bytes()
+    blob = {"empty": b"", "truncated": blob[:len(blob) // 2],
+            "flipped": blob[:-100] + bytes([blob[-100] ^ 1]) + blob[-99:]}[damage]
+    path.write_bytes(blob)
+    with pytest.raises(CheckpointError, match=f"{path}: checkpoint is damaged"):
+        load_checkpoint(path)
+
+
+SAVER = """
+import sys, torch
+from checkpoint import save_checkpoint
+step = 0
+while True:
+    step += 1
+    save_checkpoint({"step": step, "weights": torch.full((2_000_000,), float(step))}, sys.argv[1])
+    print(step, flush=True)
+"""
+
+
+def test_a_kill_during_a_save_leaves_the_old_checkpoint_whole(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    for delay in (0.05, 0.13, 0.31):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one save is complete
+        time.sleep(delay)  # then kill it somewhere, most likely in the middle of a later save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = load_checkpoint(path)
+        assert torch.equal(state["weights"], torch.full((2_000_000,), float(state["step"])))
+        stale = remove_temp_files(tmp_path)
+        assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"] and all(".tmp" in name for name in stale)
+
+
+def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_state(smoke, tmp_path):
+    flags = ["--preset", "smoke", "--steps", "12", "--ckpt-every", "1", "--no-eval"]
+    whole = with_finished_stages(smoke, tmp_path / "whole")
+    train.main([*flags, "--out", str(whole)])
+    killed = with_finished_stages(smoke, tmp_path / "killed")
+    for delay in (0.0, 0.7, 1.3):
+        proc = run("train.py", *flags, "--out", str(killed), *(["--resume"] if (killed / "ckpt.pt").exists() else []))
+        deadline = time.time() + 120
+        while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert load_checkpoint(killed / "ckpt.pt")["step"] < 12, "the run finished before it could be killed"
+    train.main([*flags, "--out", str(killed), "--resume"])
+    a, b = trainable_state(whole), trainable_state(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not [name for name in os.listdir(killed) if ".tmp" in name]
+
+
+def test_one_run_per_folder(tmp_path):
+    held = lock_run_folder(str(tmp_path))
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is in use by another run \\(pid {os.getpid()}\\)"):
+        lock_run_folder(str(tmp_path))
+    held.close()  # as a killed run's lock: released, its pid left behind
+    lock_run_folder(str(tmp_path))
+
+
+def test_many_non_finite_losses_stop_in_one_line_with_the_last_good_state_saved(tmp_path):
+    from test_encoder import tiny_unialign
+    model = tiny_unialign()
+    before = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    args = train.get_args(["--preset", "smoke", "--out", str(tmp_path), "--max-bad-steps", "3"])
+    samples = [{"modality": "imu", "input": torch.randn(6, 40), "text": "t", "label": 0, "anchor_image": None,
+                "prior": None}] * 8
+
+    def nan_loss(net, batch):
+        z, _ = net(batch["inputs"])
+        return z["imu"].sum() * float("nan"), {}
+
+    with pytest.raises(SystemExit, match="3 non-finite losses in a row at step 2, stopping; the last good state is saved"):
+        train.train_loop("unialign", model, nan_loss, [samples], 10, 4, 1e-3, args, ckpt_path=str(tmp_path / "ckpt.pt"))
+    saved = load_checkpoint(tmp_path / "ckpt.pt")["model"]
+    assert all(torch.equal(saved[k], before[k]) for k in before)  # no bad step touched the weights
