@@ -162,15 +162,26 @@ def to_device(batch, device):
     return {k: ({m: move(x) for m, x in v.items()} if isinstance(v, dict) else move(v)) for k, v in batch.items()}
 
 
+def check_run_folder(args):
+    """Before any work: refuse --resume without a checkpoint, and every stage file in OUT made with
+    other settings, or unfinished without --resume."""
+    if args.resume and not os.path.exists(os.path.join(args.out, "ckpt.pt")):
+        raise SystemExit(f"--resume: {os.path.join(args.out, 'ckpt.pt')} does not exist, there is nothing to resume")
+    stages = [("anchor.pt", "anchor", args.anchor_steps), ("ckpt.pt", "unialign", args.steps)]
+    stages += [(name, f"specialist:{name[11:-3]}", args.specialist_steps) for name in sorted(os.listdir(args.out))
+               if name.startswith("specialist_") and name.endswith(".pt")]
+    for name, stage, steps in stages:
+        reusable(os.path.join(args.out, name), args, stage, steps)
+
+
 def reusable(path, args, stage, steps):
-    """The checkpoint at `path` when it holds `stage` finished with these settings (printed as reused),
-    else None. Refuses one made with other settings, and an unfinished one without --resume."""
+    """The checkpoint at `path` when it holds `stage` finished with these settings, else None.
+    Refuses one made with other settings, and an unfinished one without --resume."""
     if not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path)
     check_settings(ckpt["settings"], args, stage.split(":")[0], path)
     if ckpt["step"] >= steps:
-        log(f"{stage}: reusing {path} (finished, same settings)")
         return ckpt
     if not args.resume:
         raise SystemExit(f"{path} holds {stage} at step {ckpt['step']} of {steps}: pass --resume to continue it, "
@@ -285,35 +296,43 @@ class WithPrior(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- the three stages
 
 def train_anchor(args, train_sets):
-    """Stage 1: the frozen anchor space. OpenAI weights if given, else a tiny CLIP pre-trained here on
-    the synthetic image-text set with Eq. 5, its targets (Eq. 4) computed over one-hot caption
-    identities: identical captions are the positives (docs/method.md section 3 says why)."""
-    bpe_path, path = os.path.join(args.out, "bpe.txt.gz"), os.path.join(args.out, "anchor.pt")
-    if not args.clip and rank_and_world()[0] == 0 and reusable(path, args, "anchor", args.anchor_steps) is None:
-        images = train_sets["image"]
-        bpe = BPETokenizer.train(list(images.captions), args.vocab_size, bpe_path)
-        config = dict(embed_dim=args.embed_dim, image_resolution=args.image_size, vision_layers=args.clip_layers,
-                      vision_width=args.clip_width, vision_patch_size=8, vision_heads=args.clip_heads,
-                      context_length=24, vocab_size=bpe.vocab_size, transformer_width=args.clip_width,
-                      transformer_heads=args.clip_heads, transformer_layers=args.text_layers)
-        torch.manual_seed(stage_seed(args.seed, "anchor"))
-        clip = CLIP(**config).to(args.device)
-        log(f"anchor CLIP: {sum(p.numel() for p in clip.parameters()):,} parameters, all trained")
-
-        def loss(model, batch):
-            ids = bpe(batch["text"], context_length=clip.context_length, truncate=True).to(args.device)
-            z = F.normalize(model.encode_image(batch["inputs"]["image"]), dim=-1)
-            t = F.normalize(model.encode_text(ids), dim=-1)
-            return soft_binding_loss(z, t, 1 / model.logit_scale.exp(), args.tau_s, beta=0.0,
-                                     target_space=caption_identities(batch["text"]).to(args.device))
-
-        train_loop("anchor", clip, loss, [images], args.anchor_steps, args.anchor_batch, 1e-3, args, distributed=False)
-        save_checkpoint({"config": config, "state_dict": clip.state_dict(), "step": args.anchor_steps,
-                         "settings": stage_settings(args, "anchor")}, path)
+    """Stage 1: the frozen anchor space: OpenAI weights if given, else the tiny CLIP of OUT/anchor.pt,
+    pre-trained here by `pretrain_anchor` unless it is already there with the same settings."""
+    path = os.path.join(args.out, "anchor.pt")
+    if not args.clip and rank_and_world()[0] == 0:
+        if reusable(path, args, "anchor", args.anchor_steps) is not None:
+            log(f"anchor: reusing {path} (finished, same settings)")
+        else:
+            pretrain_anchor(args, train_sets["image"], os.path.join(args.out, "bpe.txt.gz"), path)
     if rank_and_world()[1] > 1:
         dist.barrier()  # the other ranks wait for rank 0's anchor
     clip, bpe = load_anchor(vars(args))
     return clip.to(args.device), bpe
+
+
+def pretrain_anchor(args, images, bpe_path, path):
+    """A tiny CLIP and its BPE learned on the synthetic image-text set with Eq. 5, its targets (Eq. 4)
+    computed over one-hot caption identities: identical captions are the positives (docs/method.md
+    section 3 says why)."""
+    bpe = BPETokenizer.train(list(images.captions), args.vocab_size, bpe_path)
+    config = dict(embed_dim=args.embed_dim, image_resolution=args.image_size, vision_layers=args.clip_layers,
+                  vision_width=args.clip_width, vision_patch_size=8, vision_heads=args.clip_heads,
+                  context_length=24, vocab_size=bpe.vocab_size, transformer_width=args.clip_width,
+                  transformer_heads=args.clip_heads, transformer_layers=args.text_layers)
+    torch.manual_seed(stage_seed(args.seed, "anchor"))
+    clip = CLIP(**config).to(args.device)
+    log(f"anchor CLIP: {sum(p.numel() for p in clip.parameters()):,} parameters, all trained")
+
+    def loss(model, batch):
+        ids = bpe(batch["text"], context_length=clip.context_length, truncate=True).to(args.device)
+        z = F.normalize(model.encode_image(batch["inputs"]["image"]), dim=-1)
+        t = F.normalize(model.encode_text(ids), dim=-1)
+        return soft_binding_loss(z, t, 1 / model.logit_scale.exp(), args.tau_s, beta=0.0,
+                                 target_space=caption_identities(batch["text"]).to(args.device))
+
+    train_loop("anchor", clip, loss, [images], args.anchor_steps, args.anchor_batch, 1e-3, args, distributed=False)
+    save_checkpoint({"config": config, "state_dict": clip.state_dict(), "step": args.anchor_steps,
+                     "settings": stage_settings(args, "anchor")}, path)
 
 
 def make_model(clip, modalities, train_sets, args, experts, top_k):
@@ -344,6 +363,7 @@ def train_specialists(args, clip, text_of, train_sets, modalities):
         model, model_args = make_model(clip, [m], train_sets, args, experts=1, top_k=1)
         log(f"specialist {m}: {model.count_trainable()['total']:,} trainable parameters")
         if (ckpt := reusable(path, args, stage, args.specialist_steps)) is not None:
+            log(f"{stage}: reusing {path} (finished, same settings)")
             model.load_trainable_state_dict(ckpt["model"])
         else:
             train_loop(stage, wrap(model), specialist_objective(text_of, 1 / clip.logit_scale.exp(), args),
@@ -361,9 +381,9 @@ def train_unialign(args, clip, text_of, train_sets, modalities, prior_dims):
     counts = model.count_trainable()
     log(f"UniAlign: {counts['total']:,} trainable parameters (" +
         ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total") + ")")
-    if args.resume and not os.path.exists(path):
-        raise SystemExit(f"--resume: {path} does not exist, there is nothing to resume")
-    if reusable(path, args, "unialign", args.steps) is None:
+    if reusable(path, args, "unialign", args.steps) is not None:
+        log(f"unialign: reusing {path} (finished, same settings)")
+    else:
         train_loop("unialign", wrap(model), unialign_objective(clip, text_of, args, prior_dims),
                    [train_sets[m] for m in modalities], args.steps, args.batch_size, args.lr, args, ckpt_path=path,
                    extra={"model_args": model_args, "config": vars(args)})
@@ -396,6 +416,7 @@ def main(argv=None):
 
 
 def run(args):
+    check_run_folder(args)
     t0 = time.time()
     if args.clip:  # real CLIP weights: every image-like input is prepared at CLIP's own resolution
         args.image_size = load_openai_clip(args.clip).visual.image_resolution

@@ -97,3 +97,18 @@ def test_many_non_finite_losses_stop_in_one_line_with_the_last_good_state_saved(
         train.train_loop("unialign", model, nan_loss, [samples], 10, 4, 1e-3, args, ckpt_path=str(tmp_path / "ckpt.pt"))
     saved = load_checkpoint(tmp_path / "ckpt.pt")["model"]
     assert all(torch.equal(saved[k], before[k]) for k in before)  # no bad step touched the weights
+
+
+@pytest.mark.parametrize("flag, value", [("--weight-decay", "0.5"), ("--alpha-sampling", "1.0"), ("--frames", "2"),
+                                         ("--lambda-prior", "0")])
+def test_a_changed_setting_on_resume_is_refused_by_name_before_any_work(smoke, tmp_path, monkeypatch, flag, value):
+    out = with_finished_stages(smoke, tmp_path / "run")
+    save_checkpoint({**load_checkpoint(smoke / "ckpt.pt"), "step": 3}, out / "ckpt.pt")  # an unfinished UniAlign
+    monkeypatch.setattr(train, "build_datasets", lambda *a, **k: pytest.fail("work started before the refusal"))
+    with pytest.raises(SystemExit, match=f"{flag}: saved .*, now {value}"):
+        train.main(["--preset", "smoke", "--out", str(out), "--resume", flag, value])
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--resume: .*ckpt.pt does not exist, there is nothing to resume"):
+        train.main(["--preset", "smoke", "--out", str(tmp_path), "--resume"])
