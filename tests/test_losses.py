@@ -221,3 +221,15 @@ def test_autocast_changes_nothing():
     assert same.dtype == half.dtype == torch.float32
     assert torch.allclose(same, reference, atol=1e-6, rtol=0)
     assert torch.isfinite(half) and torch.allclose(half, reference, rtol=0.02)
+
+
+def test_the_balance_term_is_the_mean_over_router_calls():
+    """Three router calls with uniform routing: each has L_bal = 1 (Eq. 3), so their mean is 1, not 3."""
+    torch.manual_seed(0)
+    z, t = unit(6, 16), unit(6, 16)
+    uniform = (torch.full((4,), 0.25), torch.full((4,), 0.25))
+    skewed = (torch.tensor([1.0, 0, 0, 0]), torch.tensor([1.0, 0, 0, 0]))  # L_bal = 4
+    _, parts = unialign_loss(z, t, TAU, balance=[uniform] * 3, **SETTINGS)
+    assert parts["bal"] == pytest.approx(1.0)
+    _, parts = unialign_loss(z, t, TAU, balance=[uniform, skewed], **SETTINGS)
+    assert parts["bal"] == pytest.approx(2.5)

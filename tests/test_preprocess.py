@@ -24,3 +24,13 @@ def test_normalize_points_unit_sphere_and_deterministic():
     assert a.shape == (256, 6) and torch.equal(a, b)
     assert a[:, :3].norm(dim=1).max() <= 1.0 + 1e-5
     assert preprocess.normalize_points(pts[:10], 64).shape == (64, 6)
+
+
+def test_a_chirp_rises_along_the_time_axis_of_the_log_mel():
+    """(1, 128 mel bins, frames): a tone sweeping up from 300 Hz to 4 kHz climbs the mel axis as time goes on."""
+    t = torch.arange(16000) / 16000
+    chirp = torch.sin(2 * torch.pi * (300 * t + (4000 - 300) / 2 * t ** 2))
+    mel = preprocess.log_mel(chirp, 1.0)[0]  # (128, frames)
+    assert mel.shape == (128, 98)
+    peak = mel.argmax(0)  # the loudest mel bin of every frame
+    assert (peak[1:] >= peak[:-1]).float().mean() > 0.95 and peak[-1] - peak[0] > 40

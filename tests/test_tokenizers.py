@@ -161,3 +161,21 @@ def test_point_groups_see_only_local_shape_and_the_centre_only_through_the_posit
     points = torch.randn(2, 256, 3)
     shift = torch.tensor([0.5, -0.25, 1.0])
     torch.testing.assert_close(tokenizer(points + shift), tokenizer(points), atol=1e-4, rtol=1e-4)
+
+
+def test_audio_tokens_keep_time_and_frequency_on_their_axes():
+    """A click at one frame changes only the tokens of the time patches covering it, in every mel row;
+    a tone in one mel band changes only the tokens of the mel patches covering it, at every time."""
+    tokenizer = make("audio")  # 128 mel bins x 100 frames -> 12 mel patches x 9 time patches
+    silence = torch.zeros(1, 1, 128, 100)
+    click, tone = silence.clone(), silence.clone()
+    click[..., :, 50] = 1.0
+    tone[..., 64, :] = 1.0
+    with torch.no_grad():
+        base = tokenizer(silence)
+        assert torch.equal(base[0], tokenizer.positional_embedding)  # its (mel, time) grid, not resampled
+        changed = {name: rearrange((tokenizer(x) - base).abs().sum(-1) > 1e-6, "1 (m t) -> m t", m=12)
+                   for name, x in (("click", click), ("tone", tone))}
+    covering = lambda position: [p for p in range(12) if 10 * p <= position < 10 * p + 16]
+    assert changed["click"][:, covering(50)].all() and changed["click"].sum(0).nonzero().flatten().tolist() == covering(50)
+    assert changed["tone"][covering(64), :9].all() and changed["tone"].sum(1).nonzero().flatten().tolist() == covering(64)
