@@ -406,6 +406,8 @@ def main(argv=None):
         log(f"removed {len(stale)} temporary files a killed save left in {args.out}: {', '.join(stale)}")
     try:
         run(args)
+        if dist.is_initialized():
+            dist.barrier()  # every rank is done before any closes its connections
     except (SampleError, CheckpointError) as error:  # a user's bad file, manifest or checkpoint: one line
         raise SystemExit(f"error: {error}") from None
     finally:

@@ -2,7 +2,6 @@
 mixed precision changes nothing, and two DDP ranks give the gradient of one process on the whole batch."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -176,21 +175,16 @@ def small_model():
     return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
 
 
-def ddp_rank(rank, world, port, batch, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def ddp_rank(rank, world, batch, out):
+    # rendezvous through a file, not a TCP port picked in advance (another process could take it)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     model = DDP(small_model())
     n = len(batch["x"]) // world
     loss, _ = batch_loss(model, {k: x[rank * n:(rank + 1) * n] for k, x in batch.items()})
     loss.backward()  # DDP averages the gradients over ranks
     torch.save({"loss": loss.detach(), "grads": [q.grad for q in model.parameters()]}, os.path.join(out, f"{rank}.pt"))
+    dist.barrier()  # no rank closes its connections while the other still talks over them
     dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ddp_ranks_equal_one_process_on_the_whole_batch(tmp_path):
@@ -199,7 +193,7 @@ def test_two_ddp_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     model = small_model()
     loss, _ = batch_loss(model, batch)
     loss.backward()
-    mp.spawn(ddp_rank, args=(2, free_port(), batch, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(ddp_rank, args=(2, batch, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"{rank}.pt")
         assert torch.allclose(result["loss"], loss.detach(), atol=1e-6)
