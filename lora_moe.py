@@ -1,4 +1,4 @@
-"""Modality-aware LoRA-MoE (METHOD.md section 1, Eq. 1-3): experts inside CLIP's frozen linears.
+"""Modality-aware LoRA-MoE (docs/method.md section 1, Eq. 1-3): experts inside CLIP's frozen linears.
 
 For a token x of modality m, a frozen linear (W, b) becomes
 
