@@ -39,7 +39,7 @@ from checkpoint import (CheckpointError, load_checkpoint, lock_run_folder, remov
 from config import check_settings, get_args, stage_settings
 from clip import CLIP, load_openai_clip
 from data import MixedBatchSampler, MixedDataset, SampleError, build_datasets, collate, sizes_of
-from encoder import UniAlign, encode_texts, load_anchor
+from encoder import UniAlign, embed, encode_texts, load_anchor
 from losses import gather_with_grad, soft_binding_loss, unialign_loss
 from modalities import MODALITIES, extended
 
@@ -418,10 +418,10 @@ def main(argv=None):
 
 
 def run(args):
-    check_run_folder(args)
-    t0 = time.time()
     if args.clip:  # real CLIP weights: every image-like input is prepared at CLIP's own resolution
         args.image_size = load_openai_clip(args.clip).visual.image_resolution
+    check_run_folder(args)
+    t0 = time.time()
     train_sets = build_datasets(vars(args), "train")
     modalities = [m for m in args.modalities or extended() if m in train_sets]
     if not args.clip and "image" not in train_sets:
@@ -435,7 +435,7 @@ def run(args):
         specialists = train_specialists(args, clip, text_of, train_sets, modalities)
     if args.prior == "specialists":
         for m in modalities:
-            prior = evaluation.embed(specialists[m], train_sets[m], args.device)[0].cpu()
+            prior = embed(specialists[m], train_sets[m], args.device)[0].cpu()
             train_sets[m], prior_dims[m] = WithPrior(train_sets[m], prior), prior.shape[1]
     elif args.prior == "manifest":
         prior_dims = {m: p.shape[0] for m in modalities if (p := train_sets[m][0]["prior"]) is not None}

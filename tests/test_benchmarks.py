@@ -13,7 +13,7 @@ import pytest
 import data
 from benchmarks import esc50, folder, modelnet40
 from test_readers import write_wav
-from test_train import ROOT, smoke  # noqa: F401 (the fixture)
+from test_train import ROOT
 
 ESC_CLASSES = ["dog", "rooster", "chirping_birds"]
 

@@ -13,7 +13,7 @@ import torch
 
 import train
 from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint
-from test_train import ROOT, run, trainable_state, with_finished_stages, smoke  # noqa: F401 (the fixture)
+from test_train import ROOT, run, trainable_state, with_finished_stages
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "flipped"])

@@ -26,14 +26,6 @@ def run(*args, **kw):
                             text=True, **kw)
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """One smoke run of the whole recipe: anchor, specialists, UniAlign, evaluation."""
-    out = tmp_path_factory.mktemp("smoke")
-    train.main(["--preset", "smoke", "--out", str(out)])
-    return out
-
-
 def with_finished_stages(smoke, out):
     """A run folder holding the smoke run's anchor and specialists, so only the UniAlign stage runs."""
     out.mkdir()
