@@ -214,8 +214,8 @@ def check_args(parser, args):
             parser.error(f"--held-out: unknown concept {unknown}; this world's concepts are {' '.join(names)}")
         if len(set(args.held_out)) >= len(names):
             parser.error("--held-out: every concept is held out")
-    if args.concepts > 16:
-        parser.error(f"--concepts {args.concepts}: the synthetic world has 16 shapes")
+    if args.concepts > len(CONCEPTS):
+        parser.error(f"--concepts {args.concepts}: the synthetic world has {len(CONCEPTS)} shapes")
 
 
 def check_settings(saved, args, stage, path):

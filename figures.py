@@ -1,8 +1,8 @@
 """Figures of a run, drawn with Pillow (docs/method.md section 4): loss curves, routing, cross-modal similarity.
 
-Two drawing primitives, `line_panels` (curves with labelled axes, ticks and a legend) and
-`heatmap` (a matrix in coloured cells with labelled row and column groups), and the three figures
-eval.py writes into the run folder.
+Three drawing primitives, `line_panels` (curves with labelled axes, ticks and a legend),
+`heatmap` (a matrix in coloured cells with labelled row and column groups) and `bar_chart`
+(ablations.py's), and the three figures eval.py writes into the run folder.
 """
 
 import json
@@ -110,6 +110,39 @@ def heatmap(matrix, rows, cols, path, title, lo=None, hi=None, cell=12):
         draw.line([bar_x, pad_t + k, bar_x + 12, pad_t + k], fill=colour(1 - k / max(height - 1, 1)))
     draw.text((bar_x + 16, pad_t - 6), f"{hi:.2f}", fill="black", font=FONT)
     draw.text((bar_x + 16, pad_t + height - 8), f"{lo:.2f}", fill="black", font=FONT)
+    img.save(path)
+
+
+def bar_chart(bars, chance, path, title, y_label):
+    """bars: [(label, mean, std)] as bars with +-std whiskers and their value, a dashed chance line,
+    labels written upwards under each bar."""
+    bar_w, gap, left, top, plot_h = 44, 22, 70, 34, 260
+    label_h = max(text_width(label) for label, _, _ in bars) + 10
+    width = max(left + len(bars) * (bar_w + gap) + 20, text_width(title) + 20)
+    img = Image.new("RGB", (width, top + plot_h + label_h + 10), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 8), title, fill="black", font=FONT)
+    bottom = top + plot_h
+    to_y = lambda v: bottom - v * plot_h  # values in 0..1
+    draw.line([left, top, left, bottom, width - 10, bottom], fill="black")
+    for k in range(6):
+        v = k / 5
+        draw.text((left - 8 - text_width(f"{v:.1f}"), to_y(v) - 7), f"{v:.1f}", fill="black", font=FONT)
+    axis = Image.new("RGB", (text_width(y_label) + 4, 16), "white")
+    ImageDraw.Draw(axis).text((2, 0), y_label, fill="black", font=FONT)
+    img.paste(axis.rotate(90, expand=True), (4, int(top + (plot_h - axis.width) / 2)))
+    for i, (label, mean, std) in enumerate(bars):
+        x = left + gap / 2 + i * (bar_w + gap)
+        draw.rectangle([x, to_y(mean), x + bar_w, bottom], fill=PALETTE[i % len(PALETTE)])
+        draw.line([x + bar_w / 2, to_y(mean + std), x + bar_w / 2, to_y(max(mean - std, 0))], fill="black", width=2)
+        draw.text((x, to_y(mean + std) - 16), f"{mean:.3f}", fill="black", font=FONT)
+        tile = Image.new("RGB", (text_width(label) + 4, 16), "white")
+        ImageDraw.Draw(tile).text((2, 0), label, fill="black", font=FONT)
+        img.paste(tile.rotate(90, expand=True), (int(x + bar_w / 2 - 8), bottom + 6))
+    for x in range(left, width - 10, 12):  # dashed chance line
+        draw.line([x, to_y(chance), min(x + 6, width - 10), to_y(chance)], fill=(120, 120, 120), width=2)
+    draw.text((width - 10 - text_width(f"chance {chance:.2f}"), to_y(chance) - 16), f"chance {chance:.2f}",
+              fill=(120, 120, 120), font=FONT)
     img.save(path)
 
 
