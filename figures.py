@@ -118,13 +118,14 @@ def bar_chart(bars, chance, path, title, y_label):
     labels written upwards under each bar."""
     bar_w, gap, left, top, plot_h = 44, 22, 70, 34, 260
     label_h = max(text_width(label) for label, _, _ in bars) + 10
-    width = max(left + len(bars) * (bar_w + gap) + 20, text_width(title) + 20)
+    plot_right = left + len(bars) * (bar_w + gap)
+    width = max(plot_right + text_width(f"chance {chance:.2f}") + 20, text_width(title) + 20)
     img = Image.new("RGB", (width, top + plot_h + label_h + 10), "white")
     draw = ImageDraw.Draw(img)
     draw.text((10, 8), title, fill="black", font=FONT)
     bottom = top + plot_h
     to_y = lambda v: bottom - v * plot_h  # values in 0..1
-    draw.line([left, top, left, bottom, width - 10, bottom], fill="black")
+    draw.line([left, top, left, bottom, plot_right, bottom], fill="black")
     for k in range(6):
         v = k / 5
         draw.text((left - 8 - text_width(f"{v:.1f}"), to_y(v) - 7), f"{v:.1f}", fill="black", font=FONT)
@@ -139,10 +140,9 @@ def bar_chart(bars, chance, path, title, y_label):
         tile = Image.new("RGB", (text_width(label) + 4, 16), "white")
         ImageDraw.Draw(tile).text((2, 0), label, fill="black", font=FONT)
         img.paste(tile.rotate(90, expand=True), (int(x + bar_w / 2 - 8), bottom + 6))
-    for x in range(left, width - 10, 12):  # dashed chance line
-        draw.line([x, to_y(chance), min(x + 6, width - 10), to_y(chance)], fill=(120, 120, 120), width=2)
-    draw.text((width - 10 - text_width(f"chance {chance:.2f}"), to_y(chance) - 16), f"chance {chance:.2f}",
-              fill=(120, 120, 120), font=FONT)
+    for x in range(left, plot_right, 12):  # dashed chance line, labelled right of the bars
+        draw.line([x, to_y(chance), min(x + 6, plot_right), to_y(chance)], fill=(120, 120, 120), width=2)
+    draw.text((plot_right + 6, to_y(chance) - 7), f"chance {chance:.2f}", fill=(120, 120, 120), font=FONT)
     img.save(path)
 
 
