@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import einsum, rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
@@ -32,6 +32,19 @@ class QuickGELU(nn.Module):
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
+
+
+def attention(q, k, v, causal=False):
+    """Scaled dot-product attention of every head, softmax_j(q_i . k_j / sqrt(d)) v_j
+    (docs/method.md section 1): q, k, v (B, H, L, d) -> (B, H, L, d).
+
+    causal: query i attends to keys j <= i only (the text tower), by a -inf score for j > i.
+    """
+    scores = einsum(q, k, "b h i d, b h j d -> b h i j") / math.sqrt(q.shape[-1])
+    if causal:
+        later = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(later, float("-inf"))
+    return einsum(scores.softmax(-1), v, "b h i j, b h j d -> b h i d")
 
 
 class Attention(nn.Module):
@@ -55,7 +68,7 @@ class Attention(nn.Module):
     def forward(self, x):  # (B, L, W)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias) if self.in_proj is None else self.in_proj(x)
         q, k, v = rearrange(qkv, "b l (qkv h d) -> qkv b h l d", qkv=3, h=self.heads).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        x = attention(q, k, v, self.causal)
         return self.out_proj(rearrange(x, "b h l d -> b l (h d)"))
 
 
