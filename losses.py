@@ -90,26 +90,26 @@ def soft_targets(t, tau_s):
     return caption_logits(t, tau_s).softmax(-1)
 
 
-def soft_binding_loss(z, t, tau, tau_s, beta, target_space=None):
-    """L_bind = L_xt + beta * L_xx  (Eq. 7), with the soft targets Y of Eq. 4:
+def soft_binding_loss(z, t, y, tau, beta):
+    """L_bind = L_xt + beta * L_xx  (Eq. 7), given the soft targets y = Y of Eq. 4:
 
         L_xt = 1/2 [ CE( softmax_j(z_i . t_j / tau), Y_i. ) + CE( softmax_i(z_i . t_j / tau), Y_.j ) ]   (Eq. 5)
         L_xx = CE( softmax_{j != i}(z_i . z_j / tau), Y_i. restricted to j != i and renormalised )      (Eq. 6)
 
-    The column targets Y_.j are renormalised to sum to 1. beta = 0 skips L_xx; a batch of one has
-    L_xx = 0. Returns (L_bind, {"bind", "xt", "xx"} as floats for logging).
-
-    `target_space`: the embeddings Eq. 4 is computed in, when not t itself. Pre-training the anchor
-    CLIP needs this: targets from the text tower being trained have a degenerate optimum (all
-    captions alike, Y uniform, every prediction uniform), so there Y comes from one-hot caption
-    identities instead, which makes identical captions the positives.
+    z, t: (B, D) normalised sample and caption embeddings; y: (B, B) rows summing to 1. The column
+    targets Y_.j are renormalised to sum to 1. beta = 0 skips L_xx; a batch of one has L_xx = 0, and
+    so does a row whose targets off the diagonal all underflow to 0 in float32.
+    Returns (L_bind, {"bind", "xt", "xx"} as floats for logging).
     """
-    logits = caption_logits(t if target_space is None else target_space, tau_s)  # (B, B)
-    y = logits.softmax(-1)
+    y = y.float()
     zt = similarity(z, t, tau)  # (B, B)
     xt = (soft_cross_entropy(zt, y, dim=1) + soft_cross_entropy(zt, y / y.sum(0), dim=0)) / 2
-    xx = soft_cross_entropy(without_self(similarity(z, z, tau)), without_self(logits).softmax(-1), dim=1) \
-        if beta else zero(z)
+    if beta and len(z) > 1:
+        others = y.masked_fill(torch.eye(len(y), dtype=torch.bool, device=y.device), 0.0)
+        others = others / others.sum(-1, keepdim=True).clamp(min=torch.finfo(others.dtype).tiny)
+        xx = soft_cross_entropy(without_self(similarity(z, z, tau)), others, dim=1)
+    else:
+        xx = zero(z)
     bind = xt + beta * xx
     return bind, as_floats(bind=bind, xt=xt, xx=xx)
 
@@ -160,10 +160,12 @@ def unialign_loss(z, t, tau, *, tau_s, beta, v=None, anchor_mask=None, tau_kd, g
       their prior embeddings. Similarities from different prior models are not comparable, so Eq. 9
       is taken within each group; L_prior is the groups' mean weighted by size (groups of one skipped).
     balance: [(f, P)] router statistics, one pair per router call; L_bal is their mean (Eq. 3).
-    target_space: where Eq. 4 takes its targets from, when not t (see soft_binding_loss).
+    target_space: the embeddings Eq. 4 takes its targets from, when not t; one-hot caption
+      identities make identical captions the positives (plain contrastive, train.py's `--targets hard`).
     Returns (L, parts), parts the floats {"bind", "xt", "xx", "anchor", "prior", "bal"}.
     """
-    bind, parts = soft_binding_loss(z, t, tau, tau_s, beta, target_space)
+    y = soft_targets(t if target_space is None else target_space, tau_s)
+    bind, parts = soft_binding_loss(z, t, y, tau, beta)
     anchored = slice(None) if anchor_mask is None else anchor_mask
     anchor = zero(z) if v is None else anchor_distillation_loss(z[anchored], v[anchored], t, tau_kd, gamma)
     groups = [(len(rows), prior_distillation_loss(z[rows], p, tau_kd)) for rows, p in priors if len(rows) > 1]

@@ -40,7 +40,7 @@ from config import check_settings, get_args, stage_settings
 from clip import CLIP, load_openai_clip
 from data import MixedBatchSampler, MixedDataset, SampleError, build_datasets, collate, sizes_of
 from encoder import UniAlign, embed, encode_texts, load_anchor
-from losses import gather_with_grad, soft_binding_loss, unialign_loss
+from losses import gather_with_grad, soft_binding_loss, soft_targets, unialign_loss
 from modalities import MODALITIES, extended
 
 # ----------------------------------------------------------------------------- the training loop
@@ -219,7 +219,8 @@ def specialist_objective(text_of, tau, args):
     def loss(model, batch):
         z, _ = model(batch["inputs"])
         z = scatter_groups(z, batch["index"], len(batch["text"]))
-        return soft_binding_loss(gather_with_grad(z), gather_with_grad(text_of(batch["text"])), tau, args.tau_s, beta=0.0)
+        t = gather_with_grad(text_of(batch["text"]))
+        return soft_binding_loss(gather_with_grad(z), t, soft_targets(t, args.tau_s), tau, beta=0.0)
     return loss
 
 
@@ -327,8 +328,8 @@ def pretrain_anchor(args, images, bpe_path, path):
         ids = bpe(batch["text"], context_length=clip.context_length, truncate=True).to(args.device)
         z = F.normalize(model.encode_image(batch["inputs"]["image"]), dim=-1)
         t = F.normalize(model.encode_text(ids), dim=-1)
-        return soft_binding_loss(z, t, 1 / model.logit_scale.exp(), args.tau_s, beta=0.0,
-                                 target_space=caption_identities(batch["text"]).to(args.device))
+        y = soft_targets(caption_identities(batch["text"]).to(args.device), args.tau_s)
+        return soft_binding_loss(z, t, y, 1 / model.logit_scale.exp(), beta=0.0)
 
     train_loop("anchor", clip, loss, [images], args.anchor_steps, args.anchor_batch, 1e-3, args, distributed=False)
     save_checkpoint({"config": config, "state_dict": clip.state_dict(), "step": args.anchor_steps,

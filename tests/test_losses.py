@@ -26,8 +26,8 @@ def test_aligned_embeddings_bind_better_than_shuffled():
     t = unit(8, 16)
     shuffled = t.roll(1, dims=0)  # every sample next to another sample's caption
     for beta in (0.0, 1.0):
-        aligned, _ = soft_binding_loss(t, t, TAU, TAU_S, beta)
-        wrong, _ = soft_binding_loss(shuffled, t, TAU, TAU_S, beta)
+        aligned, _ = soft_binding_loss(t, t, soft_targets(t, TAU_S), TAU, beta)
+        wrong, _ = soft_binding_loss(shuffled, t, soft_targets(t, TAU_S), TAU, beta)
         assert aligned < wrong - 1.0
 
 
@@ -48,7 +48,7 @@ def test_parity_with_a_transcription_of_eq_4_to_9():
                 for i in range(B) for j in range(B)) / B
     within = -sum(Y[i][j] / sum(Y[i][k] for k in others(i)) * (xx(i, j) - log(sum(exp(xx(i, k)) for k in others(i))))
                   for i in range(B) for j in others(i)) / B
-    _, parts = soft_binding_loss(z, t, TAU, tau_s, beta=1.0)
+    _, parts = soft_binding_loss(z, t, soft_targets(t, tau_s), TAU, beta=1.0)
     assert parts["xt"] == pytest.approx(float(rows + cols) / 2, rel=1e-5)
     assert parts["xx"] == pytest.approx(float(within), rel=1e-5)
 
@@ -84,7 +84,8 @@ def test_identical_captions_are_positives_of_each_other():
     t[5] = t[0]
     z = t.clone()
     z[5] = unit(16)  # sample 5 points elsewhere: L_xx grows
-    assert soft_binding_loss(z, t, TAU, TAU_S, 1.0)[1]["xx"] > soft_binding_loss(t, t, TAU, TAU_S, 1.0)[1]["xx"] + 1.0
+    y = soft_targets(t, TAU_S)
+    assert soft_binding_loss(z, t, y, TAU, 1.0)[1]["xx"] > soft_binding_loss(t, t, y, TAU, 1.0)[1]["xx"] + 1.0
 
 
 def test_kl_terms_vanish_when_student_equals_teacher():
@@ -124,7 +125,7 @@ def test_empty_terms_are_exact_zeros_with_a_graph():
     loss.backward()
     assert torch.isfinite(z.grad).all()
     one = unit(1, 16).requires_grad_()
-    bind, parts = soft_binding_loss(one, unit(1, 16), TAU, TAU_S, beta=1.0)
+    bind, parts = soft_binding_loss(one, unit(1, 16), torch.ones(1, 1), TAU, beta=1.0)
     assert parts["xx"] == 0.0
     bind.backward()
     assert torch.isfinite(one.grad).all()
@@ -133,7 +134,7 @@ def test_empty_terms_are_exact_zeros_with_a_graph():
 def test_beta_zero_skips_xx():
     torch.manual_seed(0)
     z, t = unit(6, 16), unit(6, 16)
-    bind, parts = soft_binding_loss(z, t, TAU, TAU_S, beta=0.0)
+    bind, parts = soft_binding_loss(z, t, soft_targets(t, TAU_S), TAU, beta=0.0)
     assert parts["xx"] == 0.0 and bind.item() == parts["xt"]
 
 
