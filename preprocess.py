@@ -7,6 +7,7 @@ bins, AST's normalisation), point clouds in the unit sphere, depth as standardis
 multichannel series standardised per channel.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -66,6 +67,7 @@ def normalize_image(img, size):
     return ((x - mean[:, None, None]) / std[:, None, None]).contiguous()
 
 
+@functools.cache  # computed once per setting, on first use
 def mel_filter_bank(n_mels=N_MELS, n_fft=N_FFT, sample_rate=SAMPLE_RATE):
     """(n_mels, n_fft // 2 + 1) triangular filters, equally spaced on the Slaney mel scale, 0 Hz to Nyquist.
 
@@ -91,8 +93,6 @@ def mel_filter_bank(n_mels=N_MELS, n_fft=N_FFT, sample_rate=SAMPLE_RATE):
     return torch.minimum(rising, falling).clamp(min=0.0).float()
 
 
-MEL_FILTERS = mel_filter_bank()
-
 
 def log_mel(waveform, seconds):
     """16 kHz mono waveform (T,) -> normalised log-mel spectrogram (1, 128, F).
@@ -107,7 +107,7 @@ def log_mel(waveform, seconds):
     x = F.pad(x, (0, n - len(x)))
     spec = torch.stft(x, N_FFT, hop_length=HOP, win_length=WINDOW, window=torch.hann_window(WINDOW),
                       center=False, return_complex=True)  # (n_freq, F)
-    mel = MEL_FILTERS @ spec.abs().pow(2)  # (128, F)
+    mel = mel_filter_bank() @ spec.abs().pow(2)  # (128, F)
     x = (mel.clamp(min=LOG_FLOOR).log() - AUDIO_MEAN) / (2.0 * AUDIO_STD)
     return rearrange(x, "m f -> 1 m f")
 
