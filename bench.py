@@ -85,6 +85,7 @@ class LoopLoRAMoELinear(LoRAMoELinear):
     Python loop and weighted by its gate."""
 
     def add_expert_update(self, y, x, gates):
+        """y + (alpha / r) * sum_e g_e B_e A_e x (Eq. 1), one expert at a time, over every token."""
         A = rearrange(self.lora_A, "(e r) i -> e r i", e=self.experts)
         B = rearrange(self.lora_B, "o (e r) -> e o r", e=self.experts)
         for e in range(self.experts):

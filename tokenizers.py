@@ -45,6 +45,8 @@ class ConvTokenizer(nn.Module):
         self.positional_embedding = nn.Parameter(torch.randn(math.prod(grid), conv.out_channels) * 0.02)
 
     def forward(self, x):
+        """(B, C, *input size) -> (B, L, width): patches by the conv, flattened in row-major order of the
+        grid (L = its cells), plus the positional embedding resampled to that grid."""
         x = self.conv(x)  # (B, width, *grid)
         pos = interpolate_positions(self.positional_embedding, self.grid, x.shape[2:])
         return rearrange(x, "b d ... -> b (...) d") + pos  # (B, L, width)
