@@ -20,7 +20,7 @@ PRESETS = {
     "smoke": dict(concepts=4, n_train=48, n_test=24, n_anchor=96, image_size=16, clip_width=32, clip_layers=2,
                   clip_heads=2, text_layers=1, embed_dim=32, vocab_size=600, anchor_steps=20, anchor_batch=32,
                   specialist_steps=4, steps=8, batch_size=28, experts=2, rank=4, top_k=1),
-    # learns clearly in about a minute on 2 CPU cores: the size a student reruns many times
+    # learns clearly in a few minutes on 2 CPU cores: the size a student reruns many times
     "course": dict(concepts=10, n_train=500, n_test=150, n_anchor=1000, image_size=32, clip_width=64, clip_layers=4,
                    clip_heads=4, text_layers=3, embed_dim=64, vocab_size=800, anchor_steps=150, anchor_batch=128,
                    specialist_steps=40, steps=120, batch_size=64, experts=4, rank=8, top_k=2),

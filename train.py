@@ -13,7 +13,7 @@ A stage whose output is already in OUT, made with the same settings, is reused. 
 seeded from (--seed, its name), so its result does not depend on how earlier stages were obtained.
 
   python train.py                          # the default recipe, about 5 minutes on 2 CPU cores
-  python train.py --preset course          # learns clearly in about a minute: the size for exercises
+  python train.py --preset course          # learns clearly in a few minutes: the size for exercises
   python train.py --preset smoke           # every stage in tiny sizes: exercises the code, learns nothing
   torchrun --nproc_per_node 8 train.py --clip ViT-B-16.pt --bpe bpe_simple_vocab_16e6.txt.gz \\
       --data audio.jsonl point.jsonl --device cuda --precision bf16
