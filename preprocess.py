@@ -93,7 +93,6 @@ def mel_filter_bank(n_mels=N_MELS, n_fft=N_FFT, sample_rate=SAMPLE_RATE):
     return torch.minimum(rising, falling).clamp(min=0.0).float()
 
 
-
 def log_mel(waveform, seconds):
     """16 kHz mono waveform (T,) -> normalised log-mel spectrogram (1, 128, F).
 

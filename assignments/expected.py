@@ -59,14 +59,15 @@ def lora_layer(experts, top_k):
 def lora_expert():
     layer = lora_layer(experts=3, top_k=2)
     x, gates = torch.randn(4, 5), torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6], [0.5, 0.0, 0.5], [0.0, 1.0, 0.0]])
+    gate_sum = torch.tensor([1.2, 2.0, 0.8], dtype=torch.float64)  # as if 2 tokens were routed
     with torch.no_grad():
         y = F.linear(x, layer.weight, layer.bias)  # the frozen linear's output
         out = layer.add_expert_update(y, x, gates)
-        layer.gate_sum[0] = torch.tensor([1.2, 2.0, 0.8], dtype=torch.float64)  # as if 2 tokens were routed
+        layer.gate_sum[0] = gate_sum
         layer.token_count[0] = 2.0
         layer.merge("audio")
     return {"weight": layer.original_weight, "bias": layer.bias, "lora_A": layer.lora_A, "lora_B": layer.lora_B,
-            "x": x, "gates": gates, "out": out, "gate_sum": [1.2, 2.0, 0.8], "token_count": 2.0,
+            "x": x, "gates": gates, "out": out, "gate_sum": gate_sum, "token_count": 2.0,
             "merged_weight": layer.weight}
 
 

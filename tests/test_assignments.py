@@ -41,6 +41,8 @@ def test_list_prints_the_registered_exercises_each_with_its_own_tests():
 
 def test_the_copy_blanks_each_function_and_keeps_its_docstring(tmp_path):
     make([str(tmp_path / "copy")])
+    everything = {ast.unparse(s) for p in (tmp_path / "copy").rglob("*.py")  # the copy's assignments and returns
+                  for s in ast.walk(ast.parse(p.read_text())) if isinstance(s, (ast.Assign, ast.Return))}
     for name, targets in EXERCISES.items():
         for target in targets:
             module, qualname = target.split(":")
@@ -50,8 +52,6 @@ def test_the_copy_blanks_each_function_and_keeps_its_docstring(tmp_path):
             assert len(blank.body) == 2 and f"exercise {name}:" in ast.unparse(blank.body[1])
             # no statement of the solution is left anywhere in the copy
             solution = {ast.unparse(s) for s in ast.walk(original) if isinstance(s, ast.stmt) and s is not original}
-            everything = {ast.unparse(s) for p in (tmp_path / "copy").rglob("*.py")
-                          for s in ast.walk(ast.parse(p.read_text())) if isinstance(s, (ast.Assign, ast.Return))}
             assert not {s for s in solution if len(s) > 30} & everything, target
     for targets in SOLUTION_TESTS.values():
         for target in targets:
