@@ -36,6 +36,7 @@ from einops import rearrange
 
 from torch.utils.flop_counter import FlopCounterMode
 
+import loop
 import train
 from clip import CLIP, ViT
 from data import MixedBatchSampler, MixedDataset, SyntheticDataset, collate
@@ -238,7 +239,7 @@ def step_breakdown(name, device, batch, repeats, precision, compiled=False):
 
     def step(record=True, net=forward):
         marks = [time.perf_counter()]
-        b = train.to_device(next(batches), device)
+        b = loop.to_device(next(batches), device)
         for phase in range(3):
             synchronize(device)
             marks.append(time.perf_counter())
@@ -280,7 +281,7 @@ def activation_memory(name, device, batches, checkpointing):
     for batch in batches:
         model, loss, optimizer, loader = unialign_step_setup(name, device, batch)
         model.clip.visual.transformer.grad_checkpointing = checkpointing
-        b = train.to_device(next(loader), device)
+        b = loop.to_device(next(loader), device)
         seen = {}
 
         def pack(t):

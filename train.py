@@ -19,148 +19,26 @@ seeded from (--seed, its name), so its result does not depend on how earlier sta
       --data audio.jsonl point.jsonl --device cuda --precision bf16
 """
 import copy
-import json
-import math
 import os
 import time
-import zlib
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import eval as evaluation
 from bpe import BPETokenizer
-from checkpoint import (CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint,
-                        unlock_run_folder)
+from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint, unlock_run_folder
 from config import check_settings, get_args, stage_settings
 from clip import CLIP, load_openai_clip
-from data import MixedBatchSampler, MixedDataset, SampleError, build_datasets, collate, sizes_of
+from data import SampleError, build_datasets, sizes_of
 from encoder import UniAlign, embed, encode_texts, load_anchor
+from loop import log, rank_and_world, stage_seed, train_loop
 from losses import gather_with_grad, soft_binding_loss, soft_targets, unialign_loss
 from modalities import MODALITIES, extended
 
-# ----------------------------------------------------------------------------- the training loop
-
-def rank_and_world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def log(*words):
-    """Print on rank 0 only, without breaking tqdm's bars."""
-    if rank_and_world()[0] == 0:
-        tqdm.write(" ".join(str(w) for w in words))
-
-
-def stage_seed(seed, stage):
-    """A stage's own seed: a stage draws the same random numbers however earlier stages were obtained."""
-    return zlib.crc32(f"{seed}/{stage}".encode())
-
-
-def lr_at(step, lr, warmup, steps):
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    warmup = min(warmup, steps // 5)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def train_loop(stage, model, loss_fn, datasets, steps, batch_size, lr, args, ckpt_path=None, extra=None,
-               distributed=True):
-    """One plain loop for every stage: AdamW, warm-up + cosine, autocast, clipping, accumulation, DDP,
-    a guard against non-finite losses (agreed across ranks), checkpoints and exact resume.
-
-    `loss_fn(model, batch) -> (loss, parts)`. `stage` names the stage in logs and seeds it.
-    """
-    rank, world_size = rank_and_world() if distributed else (0, 1)
-    torch.manual_seed(stage_seed(args.seed, stage))
-    net = model.module if isinstance(model, DDP) else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(args.device, enabled=args.precision == "fp16")
-    autocast = torch.autocast(args.device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision),
-                              enabled=args.precision != "fp32")
-    sampler = MixedBatchSampler([len(d) for d in datasets], batch_size // world_size // args.grad_accum,
-                                args.alpha_sampling, seed=stage_seed(args.seed, stage), rank=rank, world_size=world_size)
-    step = 0
-    if ckpt_path and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        net.load_trainable_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        log(f"resumed {stage} at step {step} of {steps} from {ckpt_path}")
-    loader = torch.utils.data.DataLoader(MixedDataset(datasets), batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=args.workers, pin_memory=args.device == "cuda")
-
-    def checkpoint():
-        # batches consumed, not drawn: DataLoader workers may have prefetched more
-        save_checkpoint({"model": net.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                         "sampler": {**sampler.state_dict(), "batch": step * args.grad_accum}, "step": step,
-                         "steps": steps, "settings": stage_settings(args, stage.split(":")[0]), **(extra or {})},
-                        ckpt_path)
-
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=steps, initial=step, desc=stage, disable=rank != 0, dynamic_ncols=True)
-    batches, bad, t0, seen = iter(loader), 0, time.time(), 0
-    model.train()
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr, args.warmup, steps)
-        finite = torch.ones((), device=args.device)
-        for micro in range(args.grad_accum):
-            batch = to_device(next(batches), args.device)
-            sync = micro == args.grad_accum - 1 or not isinstance(model, DDP)
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                loss, parts = loss_fn(model, batch)
-            finite = torch.minimum(finite, torch.isfinite(loss.detach()).float())
-            scaler.scale(loss / args.grad_accum).backward()
-            seen += len(batch["modality"]) * world_size
-        if world_size > 1:  # skip the step on every rank if any rank saw a non-finite loss
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item():
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            bad = 0
-        else:
-            bad += 1
-            log(f"{stage} step {step}: non-finite loss, step skipped ({bad} in a row)")
-        optimizer.zero_grad(set_to_none=True)
-        if bad >= args.max_bad_steps:  # the skipped steps left the weights as the last good step made them
-            if ckpt_path and rank == 0:
-                checkpoint()
-            kept = f"; the last good state is saved in {ckpt_path}" if ckpt_path else ""
-            raise SystemExit(f"{stage}: {bad} non-finite losses in a row at step {step}, stopping{kept}. "
-                             f"Try a lower --lr, or --precision fp32 or bf16.")
-        step += 1
-        if log_file and (step % args.log_every == 0 or step == steps or not finite.item()):
-            rate = seen / (time.time() - t0)
-            log_file.write(json.dumps({"stage": stage, "step": step, "lr": lr_at(step - 1, lr, args.warmup, steps),
-                                       "loss": loss.item(), "finite": bool(finite.item()), "samples_per_s": rate,
-                                       **parts}) + "\n")
-            log_file.flush()
-            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
-        bar.update(1)
-        if ckpt_path and rank == 0 and (step % args.ckpt_every == 0 or step == steps):
-            checkpoint()
-    bar.close()
-    if log_file:
-        log_file.close()
-
-
-def to_device(batch, device):
-    move = lambda x: x.to(device, non_blocking=True) if torch.is_tensor(x) else x
-    return {k: ({m: move(x) for m, x in v.items()} if isinstance(v, dict) else move(v)) for k, v in batch.items()}
-
+# ----------------------------------------------------------------------------- the run folder
 
 def check_run_folder(args):
     """Before any work: refuse --resume without a checkpoint, and every stage file in OUT made with

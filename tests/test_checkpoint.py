@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import loop
 import train
 from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint
 from test_train import ROOT, run, trainable_state, with_finished_stages
@@ -94,7 +95,7 @@ def test_many_non_finite_losses_stop_in_one_line_with_the_last_good_state_saved(
         return z["imu"].sum() * float("nan"), {}
 
     with pytest.raises(SystemExit, match="3 non-finite losses in a row at step 2, stopping; the last good state is saved"):
-        train.train_loop("unialign", model, nan_loss, [samples], 10, 4, 1e-3, args, ckpt_path=str(tmp_path / "ckpt.pt"))
+        loop.train_loop("unialign", model, nan_loss, [samples], 10, 4, 1e-3, args, ckpt_path=str(tmp_path / "ckpt.pt"))
     saved = load_checkpoint(tmp_path / "ckpt.pt")["model"]
     assert all(torch.equal(saved[k], before[k]) for k in before)  # no bad step touched the weights
 
