@@ -1,7 +1,22 @@
-"""Shared fixtures: one smoke run of the whole recipe (anchor, specialists, UniAlign, evaluation), made
-once per test session and reused by every test that needs a finished run."""
+"""Shared fixtures: one cache folder for the whole test session (the world, its anchor and its prior
+are built once, by the first run that needs them, and reused by every later one, in this process
+and in the processes tests start), and one smoke run of the whole recipe, made once per session and
+reused by every test that needs a finished run."""
+
+import os
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    previous, os.environ["UNIALIGN_CACHE"] = os.environ.get("UNIALIGN_CACHE"), str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["UNIALIGN_CACHE"]
+    else:
+        os.environ["UNIALIGN_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")
