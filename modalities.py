@@ -33,7 +33,10 @@ class Modality:
     tokenizer: a class of tokenizers.py, None for image (CLIP's own frozen path);
     settings(shape, sizes) -> the tokenizer's keyword arguments for inputs of that shape;
     generate(world, sizes, rngs, k) -> (raw signals, raw anchor RGB images or None): the synthetic
-        world's generator (world.py), None where the world has none.
+        world's generator (world.py), None where the world has none;
+    train_share: the synthetic training set's size as a share of --n-train, after real datasets:
+        tactile, IMU and EEG sets hold hundreds of samples where video, audio and point sets hold
+        thousands (docs/method.md section 5).
     """
 
     read: Callable
@@ -42,6 +45,10 @@ class Modality:
     tokenizer: Optional[type] = None
     settings: Callable = lambda shape, sizes: {}
     generate: Optional[Callable] = None
+    train_share: float = 1.0
+
+
+SCARCE = 0.15  # the train_share of the modalities whose real datasets are small
 
 
 def image_like(shape, sizes):
@@ -99,21 +106,24 @@ MODALITIES = {
         prompts=("the touch of a {}.", "a tactile image of a {}.", "the feel of a {}."),
         tokenizer=tokenizers.TactileTokenizer,
         settings=image_like,
-        generate=world.gen_tactile),
+        generate=world.gen_tactile,
+        train_share=SCARCE),
     "imu": Modality(
         read=lambda path, sizes: readers.read_series(path, 6),
         preprocess=lambda x, sizes: preprocess.normalize_series(x, 6, sizes["imu_length"]),
         prompts=("the motion of a {}.", "inertial readings of a {}.", "movement data of a {}."),
         tokenizer=tokenizers.IMUTokenizer,
         settings=lambda shape, sizes: dict(length=shape[-1], kernel=sizes["series_kernel"]),
-        generate=world.gen_imu),
+        generate=world.gen_imu,
+        train_share=SCARCE),
     "eeg": Modality(
         read=lambda path, sizes: readers.read_series(path, sizes["eeg_channels"]),
         preprocess=lambda x, sizes: preprocess.normalize_series(x, sizes["eeg_channels"], sizes["eeg_length"]),
         prompts=("brain activity while seeing a {}.", "an EEG recording of a {}.", "the neural response to a {}."),
         tokenizer=tokenizers.EEGTokenizer,
         settings=lambda shape, sizes: dict(channels=shape[0], length=shape[-1], kernel=sizes["series_kernel"]),
-        generate=world.gen_eeg),
+        generate=world.gen_eeg,
+        train_share=SCARCE),
 }
 
 

@@ -80,6 +80,17 @@ SHAPES = {
 }
 CONCEPTS = list(SHAPES)
 
+# Three names for each shape. Real datasets label one thing differently (ESC-50's "dog" is AudioSet's
+# "Bark"), so each dataset of the world names each concept by one of these (World.vocabulary).
+SYNONYMS = {
+    "sphere": ("sphere", "ball", "orb"), "cube": ("cube", "box", "block"), "cylinder": ("cylinder", "tube", "drum"),
+    "cone": ("cone", "funnel", "horn"), "torus": ("torus", "donut", "bagel"), "pyramid": ("pyramid", "tent", "spire"),
+    "prism": ("prism", "wedge", "ridge"), "capsule": ("capsule", "pill", "lozenge"),
+    "star": ("star", "starfish", "asterisk"), "cross": ("cross", "plus", "junction"), "ring": ("ring", "hoop", "band"),
+    "egg": ("egg", "ovoid", "oval"), "dumbbell": ("dumbbell", "barbell", "weight"),
+    "arch": ("arch", "bridge", "horseshoe"), "bowl": ("bowl", "basin", "dish"), "disk": ("disk", "coin", "plate"),
+}
+
 # Tactile textures: a height field from two phase maps a, b (orthogonal gratings of the concept's frequency).
 TEXTURES = [
     lambda a, b: np.sin(a),                                   # grating
@@ -110,13 +121,18 @@ def unit(v):
 
 
 class World:
-    """The C concepts of one seed. Every property is a seeded permutation of an evenly spread grid,
-    so no two concepts share a value; per-sample jitter (`scene`, the generators) makes neighbours overlap."""
+    """The C concepts of one seed, and what its datasets cover and call them.
+
+    Every property of a concept is a seeded permutation of an evenly spread grid, so no two concepts
+    share a value; per-sample jitter (`scene`, the generators) makes neighbours overlap. Each concept
+    has three names (SYNONYMS) in an order drawn per world.
+    """
 
     def __init__(self, concepts=10, seed=0):
         if not 2 <= concepts <= len(CONCEPTS):
             raise ValueError(f"concepts must be between 2 and {len(CONCEPTS)}, got {concepts}")
         rng, c = np.random.default_rng([seed, zlib.crc32(b"world")]), concepts
+        self.seed = seed
         spread = lambda lo, hi: rng.permutation(np.geomspace(lo, hi, c))
         self.names = CONCEPTS[:c]
         self.hue = (rng.permutation(c) / c + rng.uniform()) % 1.0
@@ -134,6 +150,25 @@ class World:
         self.wobble_freq = spread(0.5, 2.5)               # Hz, oscillation of the spin
         self.eeg_freq = spread(5.0, 32.0)                 # Hz, oscillation bursts
         self.dipole = rng.uniform(-0.8, 0.8, (c, 2, 2))   # scalp positions of the burst's two poles
+        self.synonyms = [[str(name) for name in rng.permutation(SYNONYMS[n])] for n in self.names]
+
+    def dataset_rng(self, what, modality):
+        return np.random.default_rng([self.seed, zlib.crc32(what.encode()), zlib.crc32(modality.encode())])
+
+    def coverage(self, modality, fraction):
+        """The concepts (sorted indices) the dataset of `modality` covers: round(fraction * C) of them,
+        at least 2, drawn per world and modality, so datasets overlap in part (as ModelNet40 and
+        ShapeNet share some classes and not others)."""
+        n = min(len(self.names), max(2, round(fraction * len(self.names))))
+        return sorted(int(k) for k in self.dataset_rng("coverage", modality).choice(len(self.names), n, replace=False))
+
+    def vocabulary(self, modality, own=True):
+        """The name the dataset of `modality` gives each concept: one of the concept's synonyms, drawn
+        per world and modality; own=False: the shape's name, in every dataset."""
+        if not own:
+            return list(self.names)
+        choice = self.dataset_rng("vocabulary", modality).integers(len(SYNONYMS["cube"]), size=len(self.names))
+        return [self.synonyms[k][choice[k]] for k in range(len(self.names))]
 
     def topography(self, k, channels):
         """(channels,) weights of concept k's burst: + near one pole, - near the other; electrodes
@@ -284,6 +319,8 @@ def surface_points(shape, s, rngs, n):
 
 # ----------------------------------------------------------------------------------------------
 # 4. Raw generators: (world, sizes, per-sample rngs, concept k) -> (raw signals, raw anchor RGB or None)
+#    A sample with an anchor image draws its scene first from its stream, and the anchor renders
+#    that scene: the anchor shows the sample's own instance (pose, size, colour, background).
 # ----------------------------------------------------------------------------------------------
 
 def gen_image(w, sizes, rngs, k):
@@ -320,20 +357,24 @@ def gen_video(w, sizes, rngs, k):
 
 
 def gen_audio(w, sizes, rngs, k):
-    """The concept's tone (f0 +-5 semitones, stretched partials, odd-only or all) pulsing at its rhythm
-    (random onset, +-7% tempo), at a random level over white noise; an anchor render of the object."""
+    """The sound of the instance its anchor image shows (the render of the sample's own scene): the
+    concept's tone pitched by the object's size (twice the size, an octave lower; +-1 semitone of
+    jitter), stretched partials, odd-only or all, pulsing at the concept's rhythm (random onset,
+    +-7% tempo), as loud as the object is near, over white noise."""
     n = round(sizes["audio_seconds"] * SAMPLE_RATE)
     t, m = (np.arange(n) / SAMPLE_RATE).astype(np.float32), np.arange(1, 9)
+    scenes = [scene(w, k, r) for r in rngs]
     waves = []
-    for r in rngs:
-        freqs = w.f0[k] * 2 ** (r.uniform(-5, 5) / 12) * m ** w.stretch[k]
+    for r, s in zip(rngs, scenes):
+        freqs = w.f0[k] / s["size"].mean() * 2 ** (r.uniform(-1, 1) / 12) * m ** w.stretch[k]
         amps = m ** -r.uniform(0.5, 1.2) * ((m % 2 == 1) | ~w.odd_only[k]) * (freqs < 0.45 * SAMPLE_RATE)
         phase = (2 * np.pi * freqs[:, None]).astype(np.float32) * t + r.uniform(0, 2 * np.pi, (8, 1)).astype(np.float32)
         tone = amps @ np.sin(phase)  # float32 sines: 10x faster than float64
         pulse = (0.5 + 0.5 * np.cos(2 * np.pi * (w.pulse_rate[k] * r.uniform(0.93, 1.07) * t + r.uniform()))) ** 2
         noise = r.normal(0, 10 ** r.uniform(-2.0, -0.7), n)
-        waves.append((10 ** r.uniform(-1.3, -0.5) * (tone * pulse / amps.sum() + noise)).astype(np.float32))
-    return waves, list(render_scenes(w, sizes, k, [scene(w, k, r) for r in rngs], rngs)[0])
+        level = 10 ** r.uniform(-1.2, -0.6) * (2.2 / s["centre"][2]) ** 2
+        waves.append((level * (tone * pulse / amps.sum() + noise)).astype(np.float32))
+    return waves, list(render_scenes(w, sizes, k, scenes, rngs)[0])
 
 
 def gen_tactile(w, sizes, rngs, k):

@@ -1,5 +1,7 @@
 """Tests for world.py through data.SyntheticDataset: deterministic samples with the real-data layouts, held-out concepts, anchors,
-captions, and a file round trip through data.ManifestDataset (synthetic and real share one path)."""
+captions, a file round trip through data.ManifestDataset (synthetic and real share one path), and the properties
+of docs/method.md section 5 (own vocabularies and coverage, scarce captions, anchors of the sample's own instance,
+a prior's draw apart from the run's)."""
 
 import json
 import struct
@@ -21,7 +23,7 @@ MODALITIES = ["image"] + EXTENDED
 
 S = SMALL["image_size"]
 LAYOUT = {"image": (3, S, S), "tactile": (3, S, S), "depth": (1, S, S), "video": (2, 3, S, S), "audio": (1, 128, 23),
-          "point": (64, 3), "imu": (6, 64), "eeg": (8, 64)}  # SPEC.md's table at the SMALL sizes
+          "point": (64, 3), "imu": (6, 64), "eeg": (8, 64)}  # docs/method.md section 1's table at the SMALL sizes
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +137,80 @@ def test_nearest_class_mean_baseline():
                  + shift, "label": i % 3} for i in range(n)]
     assert data.nearest_class_mean_top1(fake(30, 0.0), fake(31, 0.0)) == 1.0
     assert data.nearest_class_mean_top1(fake(30, 0.0), [{"input": torch.zeros(3) + 5 * torch.eye(3)[1], "label": 0}]) == 0.0
+
+
+TEN = dict(SMALL, concepts=10)
+
+
+def test_each_dataset_covers_part_of_the_concepts_under_names_of_its_own():
+    sets = {m: data.SyntheticDataset(m, "train", 14, vocabulary="own", coverage=0.7, **TEN) for m in EXTENDED}
+    for ds in sets.values():
+        assert len(ds.concepts) == 7 and ds.class_concepts == [world.CONCEPTS[k] for k in ds.concepts]
+        assert all(name in world.SYNONYMS[concept] for name, concept in zip(ds.class_names, ds.class_concepts))
+        for i in range(len(ds)):  # each caption uses the dataset's own name of the sample's concept
+            assert ds.captions[i] in {t.format(ds.class_names[ds.labels[i]]) for t in REGISTRY[ds.modality].prompts}
+    assert len({tuple(ds.concepts) for ds in sets.values()}) > 1  # datasets cover different concepts
+    names = {c: {dict(zip(ds.class_concepts, ds.class_names)).get(c) for ds in sets.values()} - {None}
+             for c in world.CONCEPTS[:10]}
+    assert sum(len(n) > 1 for n in names.values()) >= 5  # and call many concepts by different names
+    shared = data.SyntheticDataset("video", "train", 14, vocabulary="shared", coverage=0.7, **TEN)
+    assert shared.class_names == shared.class_concepts  # the world without own vocabularies
+
+
+def test_the_image_text_set_shows_every_concept_under_each_of_its_names():
+    image = data.SyntheticDataset("image", "train", 300, vocabulary="own", coverage=0.7, **dict(TEN, image_size=8))
+    assert image.concepts == list(range(10))
+    for k, concept in enumerate(world.CONCEPTS[:10]):
+        used = {name for name in world.SYNONYMS[concept] for i, c in enumerate(image.captions)
+                if image.labels[i] == k and c.endswith(f" {name}.")}
+        assert used == set(world.SYNONYMS[concept])
+
+
+def test_only_the_set_fraction_of_anchored_training_samples_carries_a_caption():
+    for m in EXTENDED:
+        train = data.SyntheticDataset(m, "train", 20, caption_fraction=0.25, **SMALL)
+        captioned = [c is not None for c in train.captions]
+        expected = 5 if train.anchored else 20  # tactile, imu and eeg have no anchor image: all captioned
+        assert sum(captioned) == expected and captioned == [i < expected for i in range(20)]
+        assert all((train[i]["label"] >= 0) == captioned[i] for i in range(20))  # no caption, no label
+        assert len(data.Captioned(train)) == expected
+        test = data.SyntheticDataset(m, "test", 8, caption_fraction=0.25, **SMALL)
+        assert None not in test.captions
+
+
+def test_an_anchor_image_shows_its_own_samples_instance():
+    """An anchored sample draws its scene first from its stream; its anchor renders that scene. A clean
+    render of the sample's scene is close to its anchor, one of another instance of the concept is not,
+    and the sample itself is of that instance: the points lie on its surface, the depth map is its depth."""
+    size = SMALL["image_size"]
+    for m in ("depth", "point", "video", "audio"):
+        ds = data.SyntheticDataset(m, "train", 8, **SMALL)
+        for i in range(8):
+            k = ds.concepts[ds.labels[i]]
+            own = world.scene(ds.world, k, ds.rng(i))
+            other = world.scene(ds.world, k, ds.rng(i + 100))
+            clean = lambda s: REGISTRY["image"].preprocess(world.render(ds.world.names[k], world.stack([s]), size)[0][0]
+                                                           .numpy(), ds.sizes)
+            if m == "video":  # the middle frame: the scene moved by the concept's bob
+                assert torch.equal(ds[i]["anchor_image"], ds[i]["input"][SMALL["frames"] // 2])
+                continue
+            anchor = ds[i]["anchor_image"]
+            assert (anchor - clean(own)).abs().mean() < 0.5 * (anchor - clean(other)).abs().mean(), (m, i)
+            if m == "point":
+                s = world.stack([own])
+                xyz = torch.as_tensor(ds.raw(i)[:, :3], dtype=torch.float32)
+                local = world.matvec(s["pose"][0].T, xyz - s["centre"][0]) / s["size"][0]
+                assert world.SHAPES[ds.world.names[k]](local).abs().median() < 0.05
+            if m == "depth":
+                depth = world.render(ds.world.names[k], world.stack([own]), size)[1][0].numpy()
+                raw, seen = ds.raw(i), ds.raw(i) > 0
+                assert np.abs(raw[seen] / depth[seen] - 1).max() < 0.06
+
+
+def test_the_priors_draw_shares_no_sample_with_the_runs():
+    for m in ("audio", "imu"):
+        prior = data.SyntheticDataset(m, "prior", 16, vocabulary="own", coverage=0.5, **SMALL)
+        assert prior.concepts == list(range(4))  # every concept, whatever the run's datasets cover
+        run = [data.SyntheticDataset(m, split, 16, **SMALL) for split in ("train", "test")]
+        seen = {ds[i]["input"].numpy().tobytes() for ds in run for i in range(16)}
+        assert not seen & {prior[i]["input"].numpy().tobytes() for i in range(16)}
