@@ -1,16 +1,19 @@
-"""The paper's ablations in one command (docs/method.md sections 1-4).
+"""The paper's ablations as paired experiments (docs/method.md section 4; the lab of assignments/README.md).
 
-  python ablations.py --preset course --seeds 3 --out runs/ablations
+  python ablations.py --preset course --seeds 5 --out runs/ablations [--only no_moe hard_targets] [--jobs 2]
 
-Every variant is an ordinary train.py flag set, so any one can also be run by hand (the command is
-printed). For each seed, the full variant runs first in OUT/seed<S>/full; every other variant gets
-its own folder with the full run's anchor and specialist stages copied in, which train.py reuses
-(they do not depend on UniAlign-only flags): all variants of a seed share one world and one anchor
-stage. A variant whose metrics.json exists is reused. The specialists are read from the full runs.
-Writes OUT/ablations.md, OUT/ablations.json and OUT/ablations.png: per variant, mean +- std over
-seeds of zero-shot top-1 per modality and on average, the emergent mean and the trainable
-parameters, with a chance row; a difference from full UniAlign within the larger of the two stds is
-marked as within noise.
+Every variant is an ordinary train.py flag set (the command is printed), run for seeds 0..N-1 on
+one world, with the concept `--held-out` (default cone) kept out of the extended training sets so
+that held-out top-1 is measured. For each seed the full variant runs first in OUT/seed<S>/full;
+every other variant gets its own folder with that run's shared stages copied in (the world's
+anchor and prior, the seed's specialists), which train.py reuses. So the variants of a seed share
+the world, the anchor, the prior and the specialists, and differ only in what the variant changes.
+
+A comparison is paired: for each seed s, d_s = variant_s - full_s of a measure. The report gives
+the mean of d over seeds, its standard error SE = std(d) / sqrt(n), and how many seeds agree with
+the mean's sign. Verdict: a difference *holds* when every seed agrees in sign and |mean| > 2 SE;
+otherwise it is within noise. Each claim of the paper is one such comparison (CLAIMS). A variant
+whose metrics.json exists is reused. Writes OUT/ablations.md, OUT/ablations.json, OUT/ablations.png.
 """
 import argparse
 import json
@@ -20,28 +23,184 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from config import PRESETS
 from figures import bar_chart
 
-VARIANTS = {
-    "full": ("full UniAlign", []),
-    "no_moe": ("no MoE (one LoRA expert)", ["--experts", "1", "--top-k", "1"]),
-    "shared_router": ("one shared router", ["--router", "shared"]),
-    "hard_targets": ("no soft binding (one-hot targets)", ["--targets", "hard"]),
-    "no_anchor": ("no anchor distillation", ["--lambda-anchor", "0"]),
-    "no_prior": ("no prior distillation", ["--lambda-prior", "0"]),
-}
+
+def variants(preset):
+    """{key: (label, train.py flags)}; the single-LoRA controls take their rank from the preset's E, k, r."""
+    e, k, r = (PRESETS[preset][key] for key in ("experts", "top_k", "rank"))
+    lora = lambda rank: ["--experts", "1", "--top-k", "1", "--rank", str(rank)]
+    return {
+        "full": ("full UniAlign", []),
+        "no_moe": (f"one LoRA, rank r = {r}", lora(r)),
+        "lora_params": (f"one LoRA, rank E*r = {e * r} (equal parameters)", lora(e * r)),
+        "lora_compute": (f"one LoRA, rank k*r = {k * r} (equal compute)", lora(k * r)),
+        "shared_router": ("one shared router", ["--router", "shared"]),
+        "hard_targets": ("hard targets (no soft binding)", ["--targets", "hard"]),
+        "no_xx": ("beta = 0 (no L_xx)", ["--beta", "0"]),
+        "no_anchor": ("no anchor distillation", ["--lambda-anchor", "0"]),
+        "no_prior": ("no prior distillation", ["--lambda-prior", "0"]),
+    }
+
+
+# The claims, each a paired comparison: (variant, measure, expected sign of variant - full, claim).
+# "specialists" compares the seed's specialists with its full UniAlign; their "scarce_gain" is
+# UniAlign's top-1 gain over them on the scarce modalities minus its gain on the others (against 0).
+CLAIMS = [
+    ("no_moe", "top1", -1, "modality-aware experts beat one LoRA of rank r"),
+    ("lora_params", "top1", -1, "... and one LoRA of equal adapter parameters (rank E*r)"),
+    ("lora_compute", "top1", -1, "... and one LoRA of equal adapter compute per token (rank k*r)"),
+    ("shared_router", "top1", -1, "a router per modality beats one shared router"),
+    ("hard_targets", "renamed_r1", -1, "soft binding binds same-concept samples of datasets that name them differently"),
+    ("hard_targets", "top1", -1, "soft binding raises zero-shot top-1"),
+    ("no_xx", "xx_r1", -1, "L_xx raises retrieval between extended modalities"),
+    ("no_anchor", "top1_anchored", -1, "anchor distillation carries the concept into uncaptioned samples"),
+    ("no_anchor", "own_anchor_r1", -1, "instance-level retrieval of a sample's own anchor comes through anchors"),
+    ("no_prior", "top1_scarce", -1, "prior distillation helps the data-scarce modalities"),
+    ("no_prior", "held_out_top1", -1, "prior distillation helps on held-out concepts"),
+    ("specialists", "scarce_gain", +1, "joint training helps data-scarce modalities more than separate specialists"),
+]
+
+COLUMNS = {"top1": "top-1", "top1_scarce": "scarce top-1", "top1_anchored": "anchored top-1",
+           "other_names_top1": "other names top-1", "held_out_top1": "held-out top-1", "xx_r1": "x<->x R@1",
+           "renamed_r1": "renamed R@1", "own_anchor_r1": "own anchor R@1"}
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def measures(metrics, block="unialign"):
+    """A run's metrics.json -> {measure: value}: zero-shot top-1 (mean, per modality, on the scarce
+    modalities, those with anchor images), and for UniAlign the retrieval measures."""
+    top1 = metrics[block]["zero_shot_top1"]
+    modalities = [m for m in top1 if m != "mean"]
+    sizes = metrics["train_size"]
+    scarce = [m for m in modalities if sizes[m] < max(sizes.values()) / 2]
+    anchored = list(metrics["unialign"]["own_anchor_r1"])
+    out = {"top1": top1["mean"], **{f"top1:{m}": top1[m] for m in modalities},
+           "top1_scarce": mean([top1[m] for m in scarce]), "top1_anchored": mean([top1[m] for m in anchored])}
+    if block == "unialign":
+        u, pairs = metrics["unialign"], metrics["cross_modal"]
+        extended = [e for p, e in pairs.items() if "image" not in p.split("->")]
+        out.update(other_names_top1=mean(u["other_names_top1"].get(m) for m in modalities),
+                   held_out_top1=mean((u.get("held_out_top1") or {}).values()),
+                   xx_r1=mean(e["r1"] for e in extended), renamed_r1=mean(e.get("renamed_r1") for e in extended),
+                   own_anchor_r1=mean(e["r1"] for e in u["own_anchor_r1"].values()))
+    return out
+
+
+def paired(values, reference):
+    """Per-seed differences values[s] - reference[s] -> {"mean", "se", "agree", "n", "holds", "per_seed"}."""
+    d = [v - r for v, r in zip(values, reference) if v is not None and r is not None]
+    if not d:
+        return None
+    mu = statistics.mean(d)
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+    agree = sum((x > 0) == (mu > 0) and x != 0 for x in d)
+    return {"mean": mu, "se": se, "agree": agree, "n": len(d), "holds": agree == len(d) and abs(mu) > 2 * se,
+            "per_seed": d}
+
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def collect(out, seeds, keys):
+    """The runs' metrics -> {"rows", "differences", "claims", "modalities"} (see the module docstring)."""
+    metrics = {key: [json.load(open(os.path.join(out, f"seed{s}", key, "metrics.json"))) for s in seeds]
+               for key in keys}
+    per_seed = {key: [measures(m) for m in runs] for key, runs in metrics.items()}
+    per_seed["specialists"] = [measures(m, "specialists") for m in metrics["full"]]
+    for spec, full, run in zip(per_seed["specialists"], per_seed["full"], metrics["full"]):
+        # UniAlign's gain over the specialists on the scarce modalities minus its gain on the others
+        gain = {k: full[k] - spec[k] for k in full if k.startswith("top1:")}
+        scarce = [k for k in gain if k[5:] in scarce_modalities(run)]
+        spec["scarce_gain"] = mean(gain[k] for k in scarce) - mean(gain[k] for k in gain if k not in scarce)
+    names = sorted({k for runs in per_seed.values() for run in runs for k in run})
+    value = lambda key, name: [run.get(name) for run in per_seed[key]]
+    rows = {key: {name: spread(value(key, name)) for name in names} for key in per_seed}
+    differences = {key: {name: paired(value(key, name), value("full", name)) for name in names}
+                   for key in per_seed if key != "full"}
+    differences["specialists"]["scarce_gain"] = paired(value("specialists", "scarce_gain"), [0.0] * len(seeds))
+    first = metrics["full"][0]
+    for key in metrics:
+        u = metrics[key][0]["unialign"]
+        rows[key]["params"], rows[key]["macs"] = u["trainable_params"], u["adapter_macs_per_token"]
+    rows["specialists"]["params"], rows["specialists"]["macs"] = first["specialists"]["trainable_params"], None
+    chance = {"top1": first["chance"]["mean"]}
+    claims = [{"variant": v, "measure": name, "claim": text, "expected": sign, **(differences[v][name] or {})}
+              for v, name, sign, text in CLAIMS if v in differences and differences[v].get(name)]
+    modalities = [m for m in first["unialign"]["zero_shot_top1"] if m != "mean"]
+    return {"rows": rows, "differences": differences, "claims": claims, "chance": chance, "modalities": modalities,
+            "train_size": first["train_size"], "train_captioned": first["train_captioned"]}
+
+
+def scarce_modalities(metrics):
+    sizes = metrics["train_size"]
+    return [m for m in sizes if sizes[m] < max(sizes.values()) / 2]
+
+
+def verdict(d, expected=None):
+    """'holds' (every seed agrees and |mean| > 2 SE, in the expected direction when one is given),
+    'opposite' (holds the other way), else 'within noise'."""
+    if not d["holds"]:
+        return "within noise"
+    return "holds" if expected is None or (d["mean"] > 0) == (expected > 0) else "opposite"
+
+
+def report(result, labels, settings):
+    """The three tables of OUT/ablations.md."""
+    f = lambda s: "-" if s is None else f"{s['mean']:.3f} +- {s['std']:.3f}"
+    g = lambda d: "-" if d is None else f"{d['mean']:+.3f} +- {d['se']:.3f} ({d['agree']}/{d['n']})" + \
+        (" **holds**" if d["holds"] else "")
+    rows, diffs, modalities = result["rows"], result["differences"], result["modalities"]
+    seeds = settings["seeds"]
+    lines = [f"Ablations: {settings['preset']} preset, world seed {settings['world_seed']}, seeds {seeds}, "
+             f"held-out {', '.join(settings['held_out']) or 'none'}.", "",
+             "Training samples (with a caption): " + ", ".join(
+                 f"{m} {result['train_size'][m]}" + (f" ({result['train_captioned'][m]})"
+                                                     if result["train_captioned"][m] < result["train_size"][m] else "")
+                 for m in modalities) + ".", "",
+             "Mean +- std over seeds (chance of top-1: %.3f):" % result["chance"]["top1"], "",
+             "| variant | " + " | ".join(COLUMNS.values()) + " | trainable | adapter MACs/token (routed, computed) |",
+             "|---|" + "---|" * (len(COLUMNS) + 2)]
+    for key, row in rows.items():
+        macs = f"{row['macs']['routed']:,}, {row['macs']['computed']:,}" if row["macs"] else "-"
+        lines.append(f"| {labels.get(key, key)} | " + " | ".join(f(row.get(c)) for c in COLUMNS)
+                     + f" | {row['params']:,} | {macs} |")
+    lines += ["", "Paired differences from full UniAlign, variant minus full: mean +- SE over seeds (seeds agreeing "
+                  "in sign / seeds); **holds**: every seed agrees and |mean| > 2 SE, else within noise:", "",
+              "| variant | " + " | ".join(COLUMNS.values()) + " |", "|---|" + "---|" * len(COLUMNS)]
+    lines += [f"| {labels.get(key, key)} | " + " | ".join(g(d.get(c)) for c in COLUMNS) + " |" for key, d in diffs.items()]
+    lines += ["", "Per modality, top-1 of the variant minus full UniAlign (paired, as above):", "",
+              "| variant | " + " | ".join(modalities) + " |", "|---|" + "---|" * len(modalities)]
+    lines += [f"| {labels.get(key, key)} | " + " | ".join(g(d.get(f"top1:{m}")) for m in modalities) + " |"
+              for key, d in diffs.items()]
+    lines += ["", "The claims (expected: the variant is worse than full UniAlign; for the specialists, "
+                  "UniAlign's gain over them is larger on the scarce modalities, scarce_gain > 0):", "",
+              "| claim | variant | measure | variant - full | verdict |", "|---|---|---|---|---|"]
+    lines += [f"| {c['claim']} | {labels.get(c['variant'], c['variant'])} | {c['measure']} | {g(c)} | "
+              f"{verdict(c, c['expected'])} |" for c in result["claims"]]
+    return "\n".join(lines) + "\n"
 
 
 def shared_stages(folder):
-    """The stage files every variant of a seed reuses: the anchor CLIP, its BPE and the specialists."""
-    return [name for name in sorted(os.listdir(folder))
-            if name in ("anchor.pt", "bpe.txt.gz") or (name.startswith("specialist_") and name.endswith(".pt"))]
+    """The stage files every variant of a seed reuses: the anchor CLIP, its BPE, the prior models and the specialists."""
+    return [name for name in sorted(os.listdir(folder)) if name in ("anchor.pt", "bpe.txt.gz")
+            or (name.startswith(("specialist_", "prior_")) and name.endswith(".pt"))]
 
 
-def run_variant(command, folder, full_folder=None):
+def run_variant(command, folder, full_folder=None, threads=None):
     """Run one variant (a train.py command line) into `folder`, unless its metrics.json is there."""
     if os.path.exists(os.path.join(folder, "metrics.json")):
         tqdm.write(f"reusing {folder}")
@@ -51,91 +210,56 @@ def run_variant(command, folder, full_folder=None):
         if not os.path.exists(os.path.join(folder, name)):
             shutil.copy(os.path.join(full_folder, name), os.path.join(folder, name))
     tqdm.write(" ".join(command))
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(os.path.join(folder, "train.log"), "w") as log:
-        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode:
+        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
             raise SystemExit(f"error: {' '.join(command)} failed; its output is in {log.name}")
-
-
-def spread(values):
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "per_seed": values}
-
-
-def collect(out, seeds):
-    """{row: {"top1": {modality or "mean": spread}, "emergent": spread or None, "params": int}} from the runs."""
-    metrics = {key: [json.load(open(os.path.join(out, f"seed{s}", key, "metrics.json"))) for s in seeds]
-               for key in VARIANTS}
-    modalities = [m for m in metrics["full"][0]["unialign"]["zero_shot_top1"] if m != "mean"]
-    rows = {}
-    for key, (label, _) in VARIANTS.items():
-        runs = metrics[key]
-        rows[label] = {"top1": {m: spread([r["unialign"]["zero_shot_top1"][m] for r in runs]) for m in [*modalities, "mean"]},
-                       "emergent": spread([r["unialign"]["emergent_mean"] for r in runs]),
-                       "params": runs[0]["unialign"]["trainable_params"]}
-    for label, block in (("specialists (prior work)", "specialists"), ("raw inputs, nearest class mean", "raw_baseline")):
-        rows[label] = {"top1": {m: spread([r[block]["zero_shot_top1"][m] for r in metrics["full"]])
-                                for m in [*modalities, "mean"]},
-                       "emergent": None, "params": metrics["full"][0][block].get("trainable_params", 0)}
-    chance = metrics["full"][0]["chance"]
-    rows["chance"] = {"top1": {m: spread([chance[m]] * len(seeds)) for m in [*modalities, "mean"]},
-                      "emergent": spread([statistics.mean(e["chance"] for e in metrics["full"][0]["emergent"].values()
-                                                          if not e["paired_in_training"])] * len(seeds)),
-                      "params": None}
-    return rows, modalities
-
-
-def versus_full(row, full):
-    """The average's difference from full UniAlign, marked within noise when smaller than the larger std."""
-    diff = row["top1"]["mean"]["mean"] - full["top1"]["mean"]["mean"]
-    noise = max(row["top1"]["mean"]["std"], full["top1"]["mean"]["std"])
-    return f"{diff:+.3f}" + (" (within noise)" if abs(diff) <= noise else "")
-
-
-def table(rows, modalities, settings):
-    fmt = lambda s: f"{s['mean']:.3f} +- {s['std']:.3f}"
-    full = rows[VARIANTS["full"][0]]
-    lines = ["| variant | " + " | ".join(modalities) + " | **mean top-1** | vs full | emergent R@1 | trainable |",
-             "|---|" + "---|" * (len(modalities) + 4)]
-    for label, row in rows.items():
-        emergent = fmt(row["emergent"]) if row["emergent"] else "-"
-        vs = versus_full(row, full) if label not in (VARIANTS["full"][0], "chance") else ""
-        params = f"{row['params']:,}" if row["params"] is not None else ""
-        lines.append(f"| {label} | " + " | ".join(fmt(row["top1"][m]) for m in modalities)
-                     + f" | **{fmt(row['top1']['mean'])}** | {vs} | {emergent} | {params} |")
-    lines += ["", f"Zero-shot top-1, mean +- std over seeds {settings['seeds']} ({settings['preset']} preset, world seed "
-                  f"{settings['world_seed']}); a difference from full UniAlign no larger than the larger of the two stds "
-                  "is within noise. Emergent R@1: modality pairs no training loss paired."]
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="course", choices=["smoke", "course", "default"],
-                   help="train.py preset of every run (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1, one world (default: %(default)s)")
+    p.add_argument("--preset", default="course", choices=list(PRESETS), help="train.py preset of every run (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=5, help="training seeds 0..N-1, one world (default: %(default)s)")
     p.add_argument("--world-seed", type=int, default=0, help="the synthetic world of every run (default: %(default)s)")
+    p.add_argument("--held-out", nargs="*", default=["cone"], metavar="CONCEPT",
+                   help="concepts kept out of the extended training sets (default: cone)")
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="these variants (full always runs): "
+                   + " ".join(variants("course")))
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cpus / jobs threads (default: 1)")
     p.add_argument("--out", default="runs/ablations", help="folder of the runs and the results (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.seeds < 1:
-        p.error("--seeds must be at least 1")
+    table = variants(args.preset)
+    if args.seeds < 2:
+        p.error("--seeds must be at least 2: a paired difference needs a spread")
+    if unknown := [v for v in args.only or [] if v not in table]:
+        p.error(f"--only: unknown variants {unknown}; they are {' '.join(table)}")
+    keys = ["full", *[k for k in table if k != "full" and (not args.only or k in args.only)]]
     t0, seeds = time.time(), list(range(args.seeds))
-    jobs = [(s, key) for s in seeds for key in VARIANTS]
-    for seed, key in tqdm(jobs, desc="variants"):
-        folder, full = (os.path.join(args.out, f"seed{seed}", k) for k in (key, "full"))
-        command = [sys.executable, "train.py", "--preset", args.preset, "--seed", str(seed),
-                   "--world-seed", str(args.world_seed), "--out", folder, *VARIANTS[key][1]]
-        run_variant(command, folder, None if key == "full" else full)
-    rows, modalities = collect(args.out, seeds)
-    settings = {"preset": args.preset, "seeds": seeds, "world_seed": args.world_seed}
-    report = table(rows, modalities, settings)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    command = lambda seed, key, folder: [sys.executable, "train.py", "--preset", args.preset, "--seed", str(seed),
+                                         "--world-seed", str(args.world_seed), "--held-out", *args.held_out,
+                                         "--out", folder, *table[key][1]]
+    folder = lambda seed, key: os.path.join(args.out, f"seed{seed}", key)
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(seeds) * len(keys), desc="runs") as bar:
+        def one(seed, key):
+            run_variant(command(seed, key, folder(seed, key)), folder(seed, key),
+                        None if key == "full" else folder(seed, "full"), threads)
+            bar.update(1)
+        list(pool.map(lambda s: one(s, "full"), seeds))  # the full runs first: the others copy their stages
+        list(pool.map(lambda job: one(*job), [(s, k) for s in seeds for k in keys if k != "full"]))
+    result = collect(args.out, seeds, keys)
+    settings = {"preset": args.preset, "seeds": seeds, "world_seed": args.world_seed, "held_out": args.held_out}
+    labels = {key: label for key, (label, _) in table.items()} | {"specialists": "specialists (prior work)"}
+    text = report(result, labels, settings)
     with open(os.path.join(args.out, "ablations.md"), "w") as f:
-        f.write(report)
+        f.write(text)
     with open(os.path.join(args.out, "ablations.json"), "w") as f:
-        json.dump({"settings": settings, "rows": rows}, f, indent=1)
-    bar_chart([(label, row["top1"]["mean"]["mean"], row["top1"]["mean"]["std"]) for label, row in rows.items()
-               if label != "chance"], rows["chance"]["top1"]["mean"]["mean"], os.path.join(args.out, "ablations.png"),
-              f"mean zero-shot top-1 over seeds {seeds} ({args.preset} preset)", "zero-shot top-1")
-    print(report)
+        json.dump({"settings": settings, **result}, f, indent=1)
+    bars = [(labels[key], d["top1"]["mean"], 2 * d["top1"]["se"]) for key, d in result["differences"].items()]
+    bar_chart(bars, os.path.join(args.out, "ablations.png"),
+              f"mean zero-shot top-1, variant minus full UniAlign, paired over seeds {seeds} ({args.preset} preset)",
+              "difference in top-1 (bars: +-2 SE)")
+    print(text)
     print(f"ablations done in {time.time() - t0:.0f}s")
 
 

@@ -215,7 +215,7 @@ def unialign_step_setup(name, device, batch):
     clip = CLIP(**config["clip"]).to(device).requires_grad_(False).eval()
     sets = {m: world(m, max(batch, 64), args.image_size) for m in config["modalities"]}
     args.device = device.type
-    model, _ = train.make_model(clip, config["modalities"], sets, args, args.experts, args.top_k)
+    model, _ = train.make_model(clip, config["modalities"], sets, args, args.experts, args.top_k, args.rank)
     for adapter in model.adapters:  # as after some training: B != 0, so every expert's work is real
         torch.nn.init.normal_(adapter.lora_B, std=1e-3)
     texts = {t for ds in sets.values() for t in ds.captions}

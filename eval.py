@@ -92,12 +92,24 @@ def concept_retrieval(z, concepts, gallery_text, gallery_concepts, ks=(1, 5, 10)
                        "t2x": {f"R@{k}": chance_recall_at(positives.T, k) for k in ks}}}
 
 
-def cross_modal_r1(za, la, names_a, zb, lb, names_b):
-    """(R@1, chance) of retrieving an item of modality b that shows the concept of each item of modality a."""
-    index_in_b = {n: k for k, n in enumerate(names_b)}
-    la_in_b = torch.tensor([index_in_b.get(names_a[k], -1) for k in la])
-    positives = la_in_b[:, None] == lb[None, :]
-    return recall_at(za @ zb.T, positives, 1), chance_recall_at(positives, 1)
+def cross_modal_r1(za, concepts_a, zb, concepts_b):
+    """(R@1, chance) of retrieving an item of modality b that shows the concept of each item of
+    modality a; concepts_* name each item's concept (a dataset's class_concepts, so that datasets
+    that call a concept differently still match). None when no query's concept is in b."""
+    positives = torch.tensor([[c == d for d in concepts_b] for c in concepts_a])
+    keep = positives.any(1)
+    if not keep.any():
+        return None, None
+    return recall_at(za[keep] @ zb.T, positives[keep], 1), chance_recall_at(positives[keep], 1)
+
+
+def own_anchor_r1(z, anchors, labels):
+    """(R@1, chance) of finding each sample's own anchor image among the anchor images of its concept:
+    instance-level retrieval, possible only through what anchors teach (Eq. 8)."""
+    same = labels[:, None] == labels[None, :]
+    scores = (z @ anchors.T).masked_fill(~same, float("-inf"))
+    hits = scores.argmax(1) == torch.arange(len(z))
+    return hits.float().mean().item(), (1 / same.sum(1).float()).mean().item()
 
 
 @torch.no_grad()
@@ -135,11 +147,39 @@ def routing_entropy(model, dataset, device, chunk=128):
     return {"trained": per_layer[0].tolist(), "untrained": per_layer[1].tolist()}
 
 
-def paired_in_training(train_sets):
-    """The modality pairs some training loss saw together: text with every modality (captions), and
-    image with each modality whose training set carries anchor images (Eq. 8)."""
-    pairs = {frozenset((m, "text")) for m in train_sets}
-    return pairs | {frozenset((m, "image")) for m, ds in train_sets.items() if ds.anchored}
+ANCHOR, BINDING, TEXT = "anchor images (Eq. 8)", "soft binding (Eq. 6)", "text only (emergent)"
+
+
+def connections(config, train_sets):
+    """What connects each pair of trained modalities in training, {frozenset pair: one of}:
+    - ANCHOR: an extended modality and image, when its training set carries anchor images and
+      lambda_anchor > 0;
+    - BINDING: two extended modalities that L_xx (Eq. 6) relates directly: beta > 0, both with
+      captioned training samples, and targets that give their captions mass: soft targets (Eq. 4
+      gives every pair some), or hard ones when the two training sets share a caption;
+    - TEXT: the rest. Each was aligned to text on its own, so retrieval between them is emergent.
+    """
+    names, pairs = ["image", *train_sets], {}
+    captions = {m: {c for c in ds.captions if c is not None} for m, ds in train_sets.items()}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if a == "image":
+                linked = config["lambda_anchor"] > 0 and train_sets[b].anchored
+                pairs[frozenset((a, b))] = ANCHOR if linked else TEXT
+            else:
+                soft = config["targets"] == "soft" or captions[a] & captions[b]
+                linked = config["beta"] > 0 and captions[a] and captions[b] and soft
+                pairs[frozenset((a, b))] = BINDING if linked else TEXT
+    return pairs
+
+
+def other_names(ds):
+    """Each class of a synthetic dataset by another of its concept's names (the next synonym after
+    the dataset's own, as another dataset may call it); None for a manifest or a shared vocabulary."""
+    if not hasattr(ds, "world") or ds.class_names == ds.class_concepts:
+        return None
+    synonyms = [ds.world.synonyms[k] for k in ds.concepts]
+    return [names[(names.index(own) + 1) % len(names)] for names, own in zip(synonyms, ds.class_names)]
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -149,62 +189,93 @@ def evaluate(out, device="cpu"):
     model, clip, bpe, config = load_run(out, device)
     modalities = model.modalities
     tests = build_datasets(config, "test", ["image", *modalities])
-    trains = build_datasets(config, "train", modalities)  # the raw baseline's class means; which pairs were seen
+    trains = build_datasets(config, "train", modalities)  # the raw baseline's class means; what connects the pairs
     held_out = set(config.get("held_out") or [])
     counts = model.count_trainable()
-    u = {"zero_shot_top1": {}, "zero_shot_top5": {}, "map": {}, "retrieval": {}, "trainable_params": counts["total"],
-         "trainable_by_part": counts, "routing_entropy": {}}
+    macs = [a.macs_per_token() for a in model.adapters]
+    u = {"zero_shot_top1": {}, "other_names_top1": {}, "zero_shot_top5": {}, "map": {}, "retrieval": {},
+         "own_anchor_r1": {}, "trainable_params": counts["total"], "trainable_by_part": counts, "routing_entropy": {},
+         "adapter_macs_per_token": {k: sum(m[k] for m in macs) for k in ("routed", "computed")}}
     metrics = {"config": config, "classes": {}, "chance": {}, "unialign": u,
-               "specialists": {"zero_shot_top1": {}, "trainable_params": 0}, "raw_baseline": {"zero_shot_top1": {}},
-               "emergent": {}, "emergent_r1": {}}
+               "train_size": {m: len(ds) for m, ds in trains.items()},
+               "train_captioned": {m: sum(c is not None for c in ds.captions) for m, ds in trains.items()},
+               "specialists": {"zero_shot_top1": {}, "trainable_params": 0}, "prior": {"zero_shot_top1": {}},
+               "raw_baseline": {"zero_shot_top1": {}}, "cross_modal": {}, "emergent_r1": {}}
     if held_out:
         u["seen_top1"], u["held_out_top1"] = {}, {}
     embeddings = {}
     for m in modalities:
         ds = tests[m]
-        class_text = class_embeddings(clip, bpe, MODALITIES[m].prompts, ds.class_names, device)
+        prompts = MODALITIES[m].prompts
+        class_text = class_embeddings(clip, bpe, prompts, ds.class_names, device)
         z, labels = embed(model, ds, device)
-        embeddings[m] = (z, labels, ds.class_names)
+        embeddings[m] = (z, [ds.class_concepts[k] for k in labels.tolist()])
         metrics["classes"][m], metrics["chance"][m] = list(ds.class_names), 1 / len(ds.class_names)
         scores = zero_shot(z, labels, class_text)
         u["zero_shot_top1"][m], u["map"][m] = scores["top1"], scores["map"]
         if "top5" in scores:
             u["zero_shot_top5"][m] = scores["top5"]
+        if (names := other_names(ds)) is not None:
+            u["other_names_top1"][m] = zero_shot(z, labels, class_embeddings(clip, bpe, prompts, names, device))["top1"]
         if held_out:
-            unseen = torch.tensor([ds.class_names[k] in held_out for k in labels.tolist()])
+            unseen = torch.tensor([ds.class_concepts[k] in held_out for k in labels.tolist()])
             for key, rows in (("seen_top1", ~unseen), ("held_out_top1", unseen)):
                 u[key][m] = zero_shot(z[rows], labels[rows], class_text)["top1"] if rows.any() else None
         captions = sorted(set(ds.captions))
         concept_of = {ds.captions[i]: ds[i]["label"] for i in range(len(ds))}
         u["retrieval"][m] = concept_retrieval(z, labels.tolist(), encode_texts(clip, bpe, captions, device).cpu(),
                                               [concept_of[c] for c in captions])
+        if ds.anchored:
+            anchors = torch.cat([clip.encode_image(ds.anchors[i:i + 256].to(device)).float().cpu()
+                                 for i in range(0, len(ds), 256)])
+            r1, chance = own_anchor_r1(z, F.normalize(anchors, dim=-1), labels)
+            u["own_anchor_r1"][m] = {"r1": r1, "chance": chance}
         routing = routing_entropy(model, ds, device)
         if routing:
             u["routing_entropy"][m] = routing
         metrics["raw_baseline"]["zero_shot_top1"][m] = nearest_class_mean_top1(trains[m], ds)
-        spec_path = os.path.join(out, f"specialist_{m}.pt")
-        if os.path.exists(spec_path):
-            spec = load_model(spec_path, clip, device)[0]
-            metrics["specialists"]["zero_shot_top1"][m] = zero_shot(*embed(spec, ds, device), class_text)["top1"]
-            metrics["specialists"]["trainable_params"] += spec.count_trainable()["total"]
+        for kind, block in (("specialist", metrics["specialists"]), ("prior", metrics["prior"])):
+            path = os.path.join(out, f"{kind}_{m}.pt")
+            if os.path.exists(path):
+                other = load_model(path, clip, device)[0]
+                block["zero_shot_top1"][m] = zero_shot(*embed(other, ds, device), class_text)["top1"]
+                if kind == "specialist":
+                    block["trainable_params"] += other.count_trainable()["total"]
     if "image" in tests:
         images = tests["image"]
-        embeddings["image"] = (*embed(model, images, device), images.class_names)
-    seen = paired_in_training(trains)
+        z, labels = embed(model, images, device)
+        embeddings["image"] = (z, [images.class_concepts[k] for k in labels.tolist()])
+    links = connections(config, trains)
     names = list(embeddings)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             r1, chance = cross_modal_r1(*embeddings[a], *embeddings[b])
-            paired = frozenset((a, b)) in seen
-            metrics["emergent"][f"{a}->{b}"] = {"r1": r1, "chance": chance, "paired_in_training": paired}
-            if not paired:
+            if r1 is None:
+                continue
+            pair = {"r1": r1, "chance": chance, "connected_by": links[frozenset((a, b))]}
+            if "image" not in (a, b) and (renamed := renamed_queries(tests[a], tests[b])) is not None:
+                za, concepts_a = embeddings[a]
+                keep = torch.tensor([c in renamed for c in concepts_a])
+                pair["renamed_r1"], pair["renamed_chance"] = cross_modal_r1(za[keep], [c for c, k in zip(concepts_a, keep)
+                                                                                       if k], *embeddings[b])
+            metrics["cross_modal"][f"{a}->{b}"] = pair
+            if pair["connected_by"] == TEXT:
                 metrics["emergent_r1"][f"{a}->{b}"] = r1
     write_report(out, metrics, modalities)
     figures.loss_figure(out)
     if u["routing_entropy"]:
         figures.routing_figure(out, u["routing_entropy"], model.adapters[0].experts)
-    figures.similarity_figure(out, embeddings)
+    image_first = [*embeddings.get("image", (None, []))[1], *(c for _, of in embeddings.values() for c in of)]
+    figures.similarity_figure(out, embeddings, list(dict.fromkeys(image_first)))
     return metrics
+
+
+def renamed_queries(a, b):
+    """The concepts datasets a and b both cover but call by different names (None: there are none)."""
+    name_in = lambda ds: dict(zip(ds.class_concepts, ds.class_names))
+    na, nb = name_in(a), name_in(b)
+    renamed = {c for c in na if c in nb and na[c] != nb[c]}
+    return renamed or None
 
 
 def evaluate_manifests(ckpt, manifests, class_names=None, templates=None, device="cpu"):
@@ -242,42 +313,55 @@ def mean(values):
 
 def write_report(out, metrics, modalities):
     """metrics.json, and metrics.md: the tables a report would show (also printed)."""
-    u, s, raw, chance = metrics["unialign"], metrics["specialists"], metrics["raw_baseline"], metrics["chance"]
-    for block in (u["zero_shot_top1"], s["zero_shot_top1"], raw["zero_shot_top1"]):
+    u, chance = metrics["unialign"], metrics["chance"]
+    blocks = (u["zero_shot_top1"], u["other_names_top1"], metrics["specialists"]["zero_shot_top1"],
+              metrics["prior"]["zero_shot_top1"], metrics["raw_baseline"]["zero_shot_top1"])
+    for block in blocks:
         if block:
             block["mean"] = mean([block[m] for m in modalities if m in block])
     chance["mean"] = mean([chance[m] for m in modalities])
     f = lambda d, m: f"{d[m]:.3f}" if d.get(m) is not None else "-"
-    r1 = lambda m, way: f"{u['retrieval'][m][way]['R@1']:.3f} ({u['retrieval'][m]['chance'][way]['R@1']:.3f})"
-    lines = ["Zero-shot classification, and retrieval by concept (chance in brackets):", "",
-             "| modality | classes | chance | raw NCM top-1 | specialist top-1 | UniAlign top-1 | UniAlign top-5 | mAP "
-             "| x->t R@1 | t->x R@1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    with_chance = lambda value, c: f"{value:.3f} ({c:.3f})"
+    sizes = lambda m: f"{metrics['train_size'][m]}" + (f" ({metrics['train_captioned'][m]})"
+                                                       if metrics["train_captioned"][m] < metrics["train_size"][m] else "")
+    lines = ["Zero-shot classification, top-1 (chance beside it); training samples, in brackets those with a caption:", "",
+             "| modality | train samples | classes | chance | raw NCM | prior model | specialist | **UniAlign** "
+             "| UniAlign, other names |", "|---|---|---|---|---|---|---|---|---|"]
     for m in modalities:
-        top5 = f"{u['zero_shot_top5'][m]:.3f} ({min(5, len(metrics['classes'][m])) * chance[m]:.3f})" \
+        lines.append(f"| {m} | {sizes(m)} | {len(metrics['classes'][m])} | {chance[m]:.3f} | "
+                     + " | ".join(f(block, m) for block in blocks[4:1:-1]) + f" | **{f(u['zero_shot_top1'], m)}** | "
+                     f"{f(u['other_names_top1'], m)} |")
+    lines.append(f"| **mean** | | | {chance['mean']:.3f} | " + " | ".join(f(block, "mean") for block in blocks[4:1:-1])
+                 + f" | **{f(u['zero_shot_top1'], 'mean')}** | {f(u['other_names_top1'], 'mean')} |")
+    lines += ["", "Retrieval by concept, and of each sample's own anchor image among its concept's (chance in brackets):", "",
+              "| modality | top-5 | mAP | x->t R@1 | t->x R@1 | own anchor R@1 |", "|---|---|---|---|---|---|"]
+    for m in modalities:
+        r = u["retrieval"][m]
+        top5 = with_chance(u["zero_shot_top5"][m], min(5, len(metrics["classes"][m])) * chance[m]) \
             if m in u["zero_shot_top5"] else "-"
-        lines.append(f"| {m} | {len(metrics['classes'][m])} | {chance[m]:.3f} | {f(raw['zero_shot_top1'], m)} | "
-                     f"{f(s['zero_shot_top1'], m)} | {f(u['zero_shot_top1'], m)} | {top5} | {f(u['map'], m)} | "
-                     f"{r1(m, 'x2t')} | {r1(m, 't2x')} |")
-    lines.append(f"| **mean** | | {chance['mean']:.3f} | {f(raw['zero_shot_top1'], 'mean')} | "
-                 f"{f(s['zero_shot_top1'], 'mean')} | **{f(u['zero_shot_top1'], 'mean')}** | | | | |")
+        own = with_chance(u["own_anchor_r1"][m]["r1"], u["own_anchor_r1"][m]["chance"]) if m in u["own_anchor_r1"] else "-"
+        lines.append(f"| {m} | {top5} | {f(u['map'], m)} | {with_chance(r['x2t']['R@1'], r['chance']['x2t']['R@1'])} | "
+                     f"{with_chance(r['t2x']['R@1'], r['chance']['t2x']['R@1'])} | {own} |")
     lines += ["", f"Trainable parameters: UniAlign {u['trainable_params']:,} (one model, every modality); "
-                  f"specialists {s['trainable_params']:,} (one model per modality, together)."]
+                  f"specialists {metrics['specialists']['trainable_params']:,} (one model per modality, together)."]
     if "seen_top1" in u:
         held = ", ".join(metrics["config"]["held_out"])
         lines += ["", f"Held-out concepts ({held}: in no extended-modality training set), UniAlign top-1:", "",
                   "| modality | seen concepts | held-out concepts | chance |", "|---|---|---|---|"]
         lines += [f"| {m} | {f(u['seen_top1'], m)} | {f(u['held_out_top1'], m)} | {chance[m]:.3f} |" for m in modalities]
-    for paired, title in ((False, "Emergent retrieval, R@1 by concept: pairs no training loss ever paired"),
-                          (True, "Paired in training (anchor images, Eq. 8), so not emergent: R@1 by concept")):
-        rows = {p: e for p, e in metrics["emergent"].items() if e["paired_in_training"] == paired}
+    lines += ["", "Cross-modal retrieval, R@1 by concept, grouped by what connects the pair in training; "
+                  "renamed: queries whose concept the other dataset calls by another name:"]
+    for group in (TEXT, BINDING, ANCHOR):
+        rows = {p: e for p, e in metrics["cross_modal"].items() if e["connected_by"] == group}
         if not rows:
             continue
-        lines += ["", title + ":", "", "| pair | R@1 | chance |", "|---|---|---|"]
-        lines += [f"| {p} | {e['r1']:.3f} | {e['chance']:.3f} |" for p, e in rows.items()]
+        renamed = lambda e: with_chance(e["renamed_r1"], e["renamed_chance"]) if e.get("renamed_r1") is not None else "-"
+        lines += ["", f"Connected by {group}:", "", "| pair | R@1 | chance | renamed R@1 (chance) |", "|---|---|---|---|"]
+        lines += [f"| {p} | {e['r1']:.3f} | {e['chance']:.3f} | {renamed(e)} |" for p, e in rows.items()]
         average = mean([e["r1"] for e in rows.values()]), mean([e["chance"] for e in rows.values()])
-        lines.append(f"| **mean** | **{average[0]:.3f}** | {average[1]:.3f} |")
-        if not paired:
-            u["emergent_mean"] = average[0]
+        lines.append(f"| **mean** | **{average[0]:.3f}** | {average[1]:.3f} | "
+                     f"{mean([e.get('renamed_r1') for e in rows.values()]):.3f} |")
+        u[{TEXT: "emergent_mean", BINDING: "bound_mean", ANCHOR: "anchored_mean"}[group]] = average[0]
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "metrics.md"), "w") as file:
         file.write(table)

@@ -113,36 +113,36 @@ def heatmap(matrix, rows, cols, path, title, lo=None, hi=None, cell=12):
     img.save(path)
 
 
-def bar_chart(bars, chance, path, title, y_label):
-    """bars: [(label, mean, std)] as bars with +-std whiskers and their value, a dashed chance line,
-    labels written upwards under each bar."""
-    bar_w, gap, left, top, plot_h = 44, 22, 70, 34, 260
+def bar_chart(bars, path, title, y_label):
+    """bars: [(label, value, whisker)] as bars from zero with +-whisker lines and their value, the zero
+    line drawn, labels written upwards under the plot (values may be negative: paired differences)."""
+    bar_w, gap, left, top, plot_h = 44, 22, 78, 34, 260
     label_h = max(text_width(label) for label, _, _ in bars) + 10
     plot_right = left + len(bars) * (bar_w + gap)
-    width = max(plot_right + text_width(f"chance {chance:.2f}") + 20, text_width(title) + 20)
-    img = Image.new("RGB", (width, top + plot_h + label_h + 10), "white")
+    ends = [v + s for _, v, s in bars] + [v - s for _, v, s in bars] + [0.0]
+    lo, hi = min(ends), max(ends)
+    lo, hi = lo - 0.08 * (hi - lo or 1), hi + 0.08 * (hi - lo or 1)
+    img = Image.new("RGB", (max(plot_right + 20, text_width(title) + 20), top + plot_h + label_h + 10), "white")
     draw = ImageDraw.Draw(img)
     draw.text((10, 8), title, fill="black", font=FONT)
     bottom = top + plot_h
-    to_y = lambda v: bottom - v * plot_h  # values in 0..1
+    to_y = lambda v: bottom - (v - lo) / (hi - lo) * plot_h
     draw.line([left, top, left, bottom, plot_right, bottom], fill="black")
     for k in range(6):
-        v = k / 5
-        draw.text((left - 8 - text_width(f"{v:.1f}"), to_y(v) - 7), f"{v:.1f}", fill="black", font=FONT)
+        v = lo + (hi - lo) * k / 5
+        draw.text((left - 8 - text_width(f"{v:+.3f}"), to_y(v) - 7), f"{v:+.3f}", fill="black", font=FONT)
+    draw.line([left, to_y(0), plot_right, to_y(0)], fill=(120, 120, 120), width=1)
     axis = Image.new("RGB", (text_width(y_label) + 4, 16), "white")
     ImageDraw.Draw(axis).text((2, 0), y_label, fill="black", font=FONT)
     img.paste(axis.rotate(90, expand=True), (4, int(top + (plot_h - axis.width) / 2)))
-    for i, (label, mean, std) in enumerate(bars):
+    for i, (label, value, whisker) in enumerate(bars):
         x = left + gap / 2 + i * (bar_w + gap)
-        draw.rectangle([x, to_y(mean), x + bar_w, bottom], fill=PALETTE[i % len(PALETTE)])
-        draw.line([x + bar_w / 2, to_y(mean + std), x + bar_w / 2, to_y(max(mean - std, 0))], fill="black", width=2)
-        draw.text((x, to_y(mean + std) - 16), f"{mean:.3f}", fill="black", font=FONT)
+        draw.rectangle([x, min(to_y(value), to_y(0)), x + bar_w, max(to_y(value), to_y(0))], fill=PALETTE[i % len(PALETTE)])
+        draw.line([x + bar_w / 2, to_y(value + whisker), x + bar_w / 2, to_y(value - whisker)], fill="black", width=2)
+        draw.text((x, to_y(max(value + whisker, 0)) - 16), f"{value:+.3f}", fill="black", font=FONT)
         tile = Image.new("RGB", (text_width(label) + 4, 16), "white")
         ImageDraw.Draw(tile).text((2, 0), label, fill="black", font=FONT)
         img.paste(tile.rotate(90, expand=True), (int(x + bar_w / 2 - 8), bottom + 6))
-    for x in range(left, plot_right, 12):  # dashed chance line, labelled right of the bars
-        draw.line([x, to_y(chance), min(x + 6, plot_right), to_y(chance)], fill=(120, 120, 120), width=2)
-    draw.text((plot_right + 6, to_y(chance) - 7), f"chance {chance:.2f}", fill=(120, 120, 120), font=FONT)
     img.save(path)
 
 
@@ -181,18 +181,16 @@ def routing_figure(out, entropy, experts):
                 "ViT block (layer)", "entropy (nats)", size=(520, 320))
 
 
-def similarity_figure(out, embeddings):
+def similarity_figure(out, embeddings, concepts):
     """OUT/similarity.png: cosine similarity of concept-mean embeddings of every modality, blocks in
-    the same concept order. embeddings: {modality: (z (N, D), labels (N,), class names)}."""
-    names = list(embeddings)
-    concepts = embeddings[names[0]][2]
-    names = [m for m in names if list(embeddings[m][2]) == list(concepts)]
+    the same concept order. embeddings: {modality: (z (N, D), the concept of each item)}; concepts:
+    the order of every block's rows. A concept a modality does not cover is a row of zeros."""
     means = []
-    for m in names:
-        z, labels, _ = embeddings[m]
-        means += [F.normalize(z[labels == c].mean(0), dim=-1) if (labels == c).any() else torch.zeros(z.shape[1])
-                  for c in range(len(concepts))]
+    for z, of in embeddings.values():
+        for c in concepts:
+            rows = torch.tensor([x == c for x in of])
+            means.append(F.normalize(z[rows].mean(0), dim=-1) if rows.any() else torch.zeros(z.shape[1]))
     means = torch.stack(means)
-    groups = [(m, len(concepts)) for m in names]
+    groups = [(m, len(concepts)) for m in embeddings]
     heatmap(means @ means.T, groups, groups, os.path.join(out, "similarity.png"),
             "cosine similarity of concept-mean embeddings (same concept order in every block)", cell=6)

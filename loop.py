@@ -47,14 +47,16 @@ def lr_at(step, lr, warmup, steps):
 
 
 def train_loop(stage, model, loss_fn, datasets, steps, batch_size, lr, args, ckpt_path=None, extra=None,
-               distributed=True):
+               distributed=True, seed=None):
     """One plain loop for every stage: AdamW, warm-up + cosine, autocast, clipping, accumulation, DDP,
     a guard against non-finite losses (agreed across ranks), checkpoints and exact resume.
 
-    `loss_fn(model, batch) -> (loss, parts)`. `stage` names the stage in logs and seeds it.
+    `loss_fn(model, batch) -> (loss, parts)`. `stage` names the stage in logs and, with `seed`
+    (default --seed; the world's stages pass --world-seed), seeds it.
     """
     rank, world_size = rank_and_world() if distributed else (0, 1)
-    torch.manual_seed(stage_seed(args.seed, stage))
+    seed = args.seed if seed is None else seed
+    torch.manual_seed(stage_seed(seed, stage))
     net = model.module if isinstance(model, DDP) else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
@@ -62,7 +64,7 @@ def train_loop(stage, model, loss_fn, datasets, steps, batch_size, lr, args, ckp
     autocast = torch.autocast(args.device, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision),
                               enabled=args.precision != "fp32")
     sampler = MixedBatchSampler([len(d) for d in datasets], batch_size // world_size // args.grad_accum,
-                                args.alpha_sampling, seed=stage_seed(args.seed, stage), rank=rank, world_size=world_size)
+                                args.alpha_sampling, seed=stage_seed(seed, stage), rank=rank, world_size=world_size)
     step = 0
     if ckpt_path and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)

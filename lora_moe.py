@@ -119,6 +119,14 @@ class LoRAMoELinear(nn.Module):
         h = rearrange(h * gates[..., None].to(h.dtype), "... e r -> ... (e r)")
         return y + self.scaling * F.linear(h, self.lora_B)  # (..., out)
 
+    def macs_per_token(self):
+        """Multiply-adds per token of the update and the router: "routed" counts the k chosen experts
+        (the method's cost, Eq. 1), "computed" all E, as `add_expert_update` computes them."""
+        out_features, in_features = self.weight.shape
+        router = in_features * self.experts if self.routers is not None else 0
+        expert = self.rank * (in_features + out_features)
+        return {"routed": self.top_k * expert + router, "computed": self.experts * expert + router}
+
     def mean_gate(self, modality):
         """gbar (E,): the mean top-k gate of `modality`'s tokens over the training-mode forwards."""
         if modality not in self.modalities:

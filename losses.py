@@ -3,8 +3,8 @@ The UniAlign objective (docs/method.md section 2, Eq. 3-10): pure functions on L
 
 Every similarity, softmax and log-softmax is computed in float32 with autocast switched off, so the
 losses do not change under bf16/fp16 training. A term with nothing to average over (no anchored
-sample, fewer than two samples with a prior, no router call) is an exact zero that still carries a
-graph, so backward runs. Under DDP the caller gathers the embeddings with `gather_with_grad` first,
+sample, fewer than two samples with a prior, no router call, no caption) is an exact zero that
+still carries a graph, so backward runs. Under DDP the caller gathers the embeddings with `gather_with_grad` first,
 so the contrastive batch of Eq. 4-9 is the global batch.
 """
 
@@ -90,24 +90,36 @@ def soft_targets(t, tau_s):
     return caption_logits(t, tau_s).softmax(-1)
 
 
+def hard_targets(ids):
+    """Y_ij = 1 / n_i where caption j is caption i, else 0 (n_i: the batch's copies of caption i):
+    the one-hot targets of plain (supervised) contrastive learning, the "no soft binding" ablation.
+    ids: (B,) caption ids, equal for equal captions. Float32, rows summing to 1."""
+    same = (ids[:, None] == ids[None, :]).float()
+    return same / same.sum(-1, keepdim=True)
+
+
 def soft_binding_loss(z, t, y, tau, beta):
-    """L_bind = L_xt + beta * L_xx  (Eq. 7), given the soft targets y = Y of Eq. 4:
+    """L_bind = L_xt + beta * L_xx  (Eq. 7), given the targets y = Y (Eq. 4, or `hard_targets`):
 
         L_xt = 1/2 [ CE( softmax_j(z_i . t_j / tau), Y_i. ) + CE( softmax_i(z_i . t_j / tau), Y_.j ) ]   (Eq. 5)
         L_xx = CE( softmax_{j != i}(z_i . z_j / tau), Y_i. restricted to j != i and renormalised )      (Eq. 6)
 
     z, t: (B, D) normalised sample and caption embeddings; y: (B, B) rows summing to 1. The column
-    targets Y_.j are renormalised to sum to 1. beta = 0 skips L_xx; a batch of one has L_xx = 0, and
-    so does a row whose targets off the diagonal all underflow to 0 in float32.
-    Returns (L_bind, {"bind", "xt", "xx"} as floats for logging).
+    targets Y_.j are renormalised to sum to 1. L_xx averages over the rows that have target mass
+    off the diagonal: a row with none (with hard targets, a caption no other sample of the batch
+    has) has no positive and contributes nothing. beta = 0 skips L_xx; no such row gives L_xx = 0.
+    Returns (L_bind, {"bind", "xt", "xx"} as floats for logging); an empty batch gives zeros.
     """
+    if len(z) == 0:
+        return zero(z), as_floats(bind=zero(z), xt=zero(z), xx=zero(z))
     y = y.float()
     zt = similarity(z, t, tau)  # (B, B)
     xt = (soft_cross_entropy(zt, y, dim=1) + soft_cross_entropy(zt, y / y.sum(0), dim=0)) / 2
-    if beta and len(z) > 1:
-        others = y.masked_fill(torch.eye(len(y), dtype=torch.bool, device=y.device), 0.0)
-        others = others / others.sum(-1, keepdim=True).clamp(min=torch.finfo(others.dtype).tiny)
-        xx = soft_cross_entropy(without_self(similarity(z, z, tau)), others, dim=1)
+    others = y.masked_fill(torch.eye(len(y), dtype=torch.bool, device=y.device), 0.0)
+    mass = others.sum(-1)
+    rows = mass > 0
+    if beta and rows.any():
+        xx = soft_cross_entropy(without_self(similarity(z, z, tau))[rows], others[rows] / mass[rows, None], dim=1)
     else:
         xx = zero(z)
     bind = xt + beta * xx
@@ -120,13 +132,14 @@ def anchor_distillation_loss(z, v, t, tau_kd, gamma):
         L_anchor = KL( softmax_j(v_i . t_j / tau_kd) || softmax_j(z_i . t_j / tau_kd) ) + gamma * (1 - z_i . v_i)
 
     z, v: (n, D) the anchored samples and their anchor images (the teacher, never given a gradient);
-    t: (B, D) all the batch's texts. No anchored sample -> 0.
+    t: (T, D) the batch's captions. No anchored sample -> 0; no caption -> the feature term alone.
     """
     if len(z) == 0:
         return zero(z)
     v = v.detach()
     cosine = (z.float() * v.float()).sum(-1).mean()
-    return kl_divergence(similarity(v, t, tau_kd), similarity(z, t, tau_kd)) + gamma * (1 - cosine)
+    kl = kl_divergence(similarity(v, t, tau_kd), similarity(z, t, tau_kd)) if len(t) else zero(z)
+    return kl + gamma * (1 - cosine)
 
 
 def prior_distillation_loss(z, p, tau_kd):
@@ -149,23 +162,24 @@ def load_balance_loss(f, P):
     return len(P) * (f.detach().float() * P.float()).sum()
 
 
-def unialign_loss(z, t, tau, *, tau_s, beta, v=None, anchor_mask=None, tau_kd, gamma, lambda_anchor,
-                  priors=(), lambda_prior, balance=(), lambda_bal, target_space=None):
+def unialign_loss(z, t, tau, *, y, beta, caption_mask=None, v=None, anchor_mask=None, tau_kd, gamma, lambda_anchor,
+                  priors=(), lambda_prior, balance=(), lambda_bal):
     """L = L_bind + lambda_anchor * L_anchor + lambda_prior * L_prior + lambda_bal * L_bal  (Eq. 10)
 
-    z, t: (B, D) normalised embeddings of the samples and of their captions; tau: CLIP's temperature.
+    z: (B, D) normalised embeddings of the samples; tau: CLIP's temperature.
+    t: (T, D) normalised embeddings of the captions of the rows where caption_mask (B,) bool is True
+      (every row when caption_mask is None), y: (T, T) their targets (Eq. 4, or `hard_targets`).
+      L_bind (Eq. 5-7) is taken over the captioned rows; a row without a caption joins Eq. 8 and 9 only.
     v: (B, D) normalised anchor-image embeddings, read at the rows where anchor_mask (B,) bool is True
-      (every row when anchor_mask is None); v None: no anchor term.
+      (every row when anchor_mask is None); v None: no anchor term. Eq. 8 compares them over t.
     priors: [(rows, p)], one group per prior model: rows (n,) long positions in the batch, p (n, P)
       their prior embeddings. Similarities from different prior models are not comparable, so Eq. 9
       is taken within each group; L_prior is the groups' mean weighted by size (groups of one skipped).
     balance: [(f, P)] router statistics, one pair per router call; L_bal is their mean (Eq. 3).
-    target_space: the embeddings Eq. 4 takes its targets from, when not t; one-hot caption
-      identities make identical captions the positives (plain contrastive, train.py's `--targets hard`).
     Returns (L, parts), parts the floats {"bind", "xt", "xx", "anchor", "prior", "bal"}.
     """
-    y = soft_targets(t if target_space is None else target_space, tau_s)
-    bind, parts = soft_binding_loss(z, t, y, tau, beta)
+    captioned = slice(None) if caption_mask is None else caption_mask
+    bind, parts = soft_binding_loss(z[captioned], t, y, tau, beta)
     anchored = slice(None) if anchor_mask is None else anchor_mask
     anchor = zero(z) if v is None else anchor_distillation_loss(z[anchored], v[anchored], t, tau_kd, gamma)
     groups = [(len(rows), prior_distillation_loss(z[rows], p, tau_kd)) for rows, p in priors if len(rows) > 1]

@@ -3,14 +3,20 @@ Train UniAlign: one encoder, one phase, all datasets, all three losses (docs/met
 
 With no flags this runs the whole story on the synthetic world (docs/method.md section 5):
 
-  1. anchor       pre-train a tiny CLIP on the synthetic image-text set     -> OUT/anchor.pt
-  2. specialists  the "prior work": one single-LoRA model per extended
+  0. world        generate the world's datasets (train, test)               -> the cache
+  1. anchor       the world's CLIP, pre-trained on its image-text set       -> OUT/anchor.pt
+  2. prior        the world's prior model (Eq. 9): one single-LoRA model
+                  per extended modality, on the world's own larger draw     -> OUT/prior_<m>.pt
+  3. specialists  the "prior work": one single-LoRA model per extended
                   modality, trained alone, contrastive to text only (Eq. 5) -> OUT/specialist_<m>.pt
-  3. unialign     one model on every dataset at once with Eq. 10            -> OUT/ckpt.pt
-  4. eval         eval.py on the finished run                               -> OUT/metrics.{json,md}
+  4. unialign     one model on every dataset at once with Eq. 10            -> OUT/ckpt.pt
+  5. eval         eval.py on the finished run                               -> OUT/metrics.{json,md}
 
-A stage whose output is already in OUT, made with the same settings, is reused. Each stage is
-seeded from (--seed, its name), so its result does not depend on how earlier stages were obtained.
+The world, its anchor and its prior depend on --world-seed, not --seed: like the public CLIP and
+prior models of real work, they are the same for every run, built once and kept in the cache
+(--cache). A stage whose output is already in OUT, made with the same settings, is reused. Each
+stage is seeded from (its seed, its name), so its result does not depend on how earlier stages
+were obtained.
 
   python train.py                          # the default recipe, about 5 minutes on 2 CPU cores
   python train.py --preset course          # learns clearly in a few minutes: the size for exercises
@@ -19,6 +25,7 @@ seeded from (--seed, its name), so its result does not depend on how earlier sta
       --data audio.jsonl point.jsonl --device cuda --precision bf16
 """
 import copy
+import hashlib
 import os
 import time
 
@@ -32,11 +39,17 @@ from bpe import BPETokenizer
 from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint, unlock_run_folder
 from config import check_settings, get_args, stage_settings
 from clip import CLIP, load_openai_clip
-from data import SampleError, build_datasets, sizes_of
-from encoder import UniAlign, embed, encode_texts, load_anchor
+from cache import cached, default_folder
+from data import WORLD_CODE, Captioned, SampleError, build_datasets, sizes_of
+from encoder import UniAlign, embed, encode_texts, load_anchor, load_model
 from loop import log, rank_and_world, stage_seed, train_loop
-from losses import gather_with_grad, soft_binding_loss, soft_targets, unialign_loss
+from losses import gather_with_grad, hard_targets, soft_binding_loss, soft_targets, unialign_loss
 from modalities import MODALITIES, extended
+
+# The code the world's anchor CLIP and prior model are computed by: their cache entries are rebuilt
+# when any of it changes.
+TRAINING_CODE = WORLD_CODE + ["bpe.py", "clip.py", "encoder.py", "lora_moe.py", "loop.py", "losses.py", "tokenizers.py",
+                              "train.py"]
 
 # ----------------------------------------------------------------------------- the run folder
 
@@ -46,8 +59,9 @@ def check_run_folder(args):
     if args.resume and not os.path.exists(os.path.join(args.out, "ckpt.pt")):
         raise SystemExit(f"--resume: {os.path.join(args.out, 'ckpt.pt')} does not exist, there is nothing to resume")
     stages = [("anchor.pt", "anchor", args.anchor_steps), ("ckpt.pt", "unialign", args.steps)]
-    stages += [(name, f"specialist:{name[11:-3]}", args.specialist_steps) for name in sorted(os.listdir(args.out))
-               if name.startswith("specialist_") and name.endswith(".pt")]
+    for kind, steps in (("prior", args.prior_steps), ("specialist", args.specialist_steps)):
+        stages += [(name, f"{kind}:{name[len(kind) + 1:-3]}", steps) for name in sorted(os.listdir(args.out))
+                   if name.startswith(f"{kind}_") and name.endswith(".pt")]
     for name, stage, steps in stages:
         reusable(os.path.join(args.out, name), args, stage, steps)
 
@@ -67,6 +81,15 @@ def reusable(path, args, stage, steps):
     return None
 
 
+def cache_folder(args):
+    return None if args.no_cache else args.cache or default_folder()
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- the objectives
 
 def scatter_groups(z, index, batch_size):
@@ -78,22 +101,14 @@ def scatter_groups(z, index, batch_size):
     return out
 
 
-def binding_targets(args):
-    """The space Eq. 4 takes its targets from: the captions' own (soft), or one-hot caption identities
-    (hard: plain contrastive, the "no soft binding" ablation)."""
-    if args.targets == "soft":
-        return lambda texts, t: None
-    return lambda texts, t: caption_identities(texts).to(t.device)
-
-
-def caption_identities(texts):
-    """(B, B') one-hot rows, equal for equal captions: Eq. 4 on these makes identical captions the positives."""
+def caption_ids(texts):
+    """(B,) ids of captions, equal for equal captions: what hard targets (plain contrastive) compare."""
     ids = {c: k for k, c in enumerate(dict.fromkeys(texts))}
-    return F.one_hot(torch.tensor([ids[c] for c in texts]), len(ids)).float()
+    return torch.tensor([ids[c] for c in texts])
 
 
 def specialist_objective(text_of, tau, args):
-    """A specialist's batch -> Eq. 5 against frozen text only (L_bind with beta = 0)."""
+    """A specialist's (or prior model's) batch -> Eq. 5 against frozen text only (L_bind with beta = 0)."""
     def loss(model, batch):
         z, _ = model(batch["inputs"])
         z = scatter_groups(z, batch["index"], len(batch["text"]))
@@ -105,14 +120,19 @@ def specialist_objective(text_of, tau, args):
 def unialign_objective(clip, text_of, args, prior_dims=None):
     """The UniAlign stage's batch -> (Eq. 10, parts), over the global batch under DDP; also what bench.py times.
 
-    prior_dims: {modality: P} of the prior embeddings the datasets carry (Eq. 9).
+    Rows without a caption (text None) take part in Eq. 8 and 9 only. prior_dims: {modality: P} of
+    the prior embeddings the datasets carry (Eq. 9).
     """
-    tau, targets = 1 / clip.logit_scale.exp(), binding_targets(args)
+    tau = 1 / clip.logit_scale.exp()
 
     def loss(model, batch):
         B = len(batch["text"])
         z, stats = model(batch["inputs"])
         z = scatter_groups(z, batch["index"], B)
+        captioned = torch.tensor([c is not None for c in batch["text"]], device=z.device)
+        t = torch.zeros_like(z)
+        if captioned.any():
+            t[captioned] = text_of([c for c in batch["text"] if c is not None]).to(t.dtype)
         v = torch.zeros_like(z)
         if batch["anchor_image"] is not None:
             with torch.no_grad():
@@ -124,10 +144,12 @@ def unialign_objective(clip, text_of, args, prior_dims=None):
                 p[batch["prior_index"][m]], has[batch["prior_index"][m]] = batch["prior"][m].to(p.dtype), 1.0
             rows = gather_with_grad(has).bool().nonzero().squeeze(1)
             priors.append((rows, gather_with_grad(p)[rows]))
-        t = gather_with_grad(text_of(batch["text"]))
-        return unialign_loss(gather_with_grad(z), t, tau, anchor_mask=gather_with_grad(batch["anchor_mask"].float()).bool(),
-                             v=gather_with_grad(v), tau_s=args.tau_s, beta=args.beta, target_space=targets(
-                                 gathered_texts(batch["text"]), t),
+        captioned = gather_with_grad(captioned.float()).bool()
+        t = gather_with_grad(t)[captioned]
+        texts = [c for c in gathered_texts(batch["text"]) if c is not None]
+        y = soft_targets(t, args.tau_s) if args.targets == "soft" else hard_targets(caption_ids(texts).to(t.device))
+        return unialign_loss(gather_with_grad(z), t, tau, caption_mask=captioned, y=y, beta=args.beta,
+                             anchor_mask=gather_with_grad(batch["anchor_mask"].float()).bool(), v=gather_with_grad(v),
                              tau_kd=args.tau_kd, gamma=args.gamma, lambda_anchor=args.lambda_anchor,
                              priors=priors, lambda_prior=args.lambda_prior,
                              balance=[(s["f"], s["P"]) for ss in stats.values() for s in ss], lambda_bal=args.lambda_bal)
@@ -151,7 +173,7 @@ class TextCache:
     """
 
     def __init__(self, clip, bpe, device, texts):
-        texts = sorted(set(texts))
+        texts = sorted({t for t in texts if t is not None})
         self.cache = dict(zip(texts, encode_texts(clip, bpe, texts, device)))
 
     def __call__(self, texts):
@@ -159,7 +181,7 @@ class TextCache:
 
 
 class WithPrior(torch.utils.data.Dataset):
-    """A dataset whose samples carry a prior embedding p_i (Eq. 9) computed once by a specialist."""
+    """A dataset whose samples carry a prior embedding p_i (Eq. 9) computed once by a prior model."""
 
     def __init__(self, dataset, prior):
         self.dataset, self.prior = dataset, prior
@@ -172,17 +194,27 @@ class WithPrior(torch.utils.data.Dataset):
         return {**self.dataset[i], "prior": self.prior[i]}
 
 
-# ----------------------------------------------------------------------------- the three stages
+# ----------------------------------------------------------------------------- the stages
 
 def train_anchor(args, train_sets):
-    """Stage 1: the frozen anchor space: OpenAI weights if given, else the tiny CLIP of OUT/anchor.pt,
-    pre-trained here by `pretrain_anchor` unless it is already there with the same settings."""
-    path = os.path.join(args.out, "anchor.pt")
+    """Stage 1: the frozen anchor space: OpenAI weights if given, else the world's tiny CLIP: OUT/anchor.pt
+    when it is there with the same settings, else from the cache, else pre-trained by `pretrain_anchor`."""
+    path, bpe_path = os.path.join(args.out, "anchor.pt"), os.path.join(args.out, "bpe.txt.gz")
     if not args.clip and rank_and_world()[0] == 0:
         if reusable(path, args, "anchor", args.anchor_steps) is not None:
             log(f"anchor: reusing {path} (finished, same settings)")
         else:
-            pretrain_anchor(args, train_sets["image"], os.path.join(args.out, "bpe.txt.gz"), path)
+            def build():
+                pretrain_anchor(args, train_sets["image"], bpe_path, path)
+                with open(bpe_path, "rb") as f:
+                    return {"anchor": load_checkpoint(path), "bpe": torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)}
+            content, how = cached(cache_folder(args), "anchor", stage_settings(args, "anchor"), TRAINING_CODE, build,
+                                  "the anchor CLIP")
+            if how == "reused":
+                save_checkpoint(content["anchor"], path)
+                with open(bpe_path, "wb") as f:
+                    f.write(content["bpe"].numpy().tobytes())
+                log(f"anchor: the world's CLIP, reused from the cache in {cache_folder(args)}")
     if rank_and_world()[1] > 1:
         dist.barrier()  # the other ranks wait for rank 0's anchor
     clip, bpe = load_anchor(vars(args))
@@ -191,14 +223,14 @@ def train_anchor(args, train_sets):
 
 def pretrain_anchor(args, images, bpe_path, path):
     """A tiny CLIP and its BPE learned on the synthetic image-text set with Eq. 5, its targets (Eq. 4)
-    computed over one-hot caption identities: identical captions are the positives (docs/method.md
-    section 3 says why)."""
+    hard: identical captions are the positives (docs/method.md section 3 says why). Seeded by the
+    world: the same anchor for every run of a world."""
     bpe = BPETokenizer.train(list(images.captions), args.vocab_size, bpe_path)
     config = dict(embed_dim=args.embed_dim, image_resolution=args.image_size, vision_layers=args.clip_layers,
-                  vision_width=args.clip_width, vision_patch_size=8, vision_heads=args.clip_heads,
-                  context_length=24, vocab_size=bpe.vocab_size, transformer_width=args.clip_width,
+                  vision_width=args.clip_width, vision_patch_size=args.patch_size, vision_heads=args.clip_heads,
+                  context_length=args.context_length, vocab_size=bpe.vocab_size, transformer_width=args.clip_width,
                   transformer_heads=args.clip_heads, transformer_layers=args.text_layers)
-    torch.manual_seed(stage_seed(args.seed, "anchor"))
+    torch.manual_seed(stage_seed(args.world_seed, "anchor"))
     clip = CLIP(**config).to(args.device)
     log(f"anchor CLIP: {sum(p.numel() for p in clip.parameters()):,} parameters, all trained")
 
@@ -206,20 +238,21 @@ def pretrain_anchor(args, images, bpe_path, path):
         ids = bpe(batch["text"], context_length=clip.context_length, truncate=True).to(args.device)
         z = F.normalize(model.encode_image(batch["inputs"]["image"]), dim=-1)
         t = F.normalize(model.encode_text(ids), dim=-1)
-        y = soft_targets(caption_identities(batch["text"]).to(args.device), args.tau_s)
+        y = hard_targets(caption_ids(batch["text"]).to(args.device))
         return soft_binding_loss(z, t, y, 1 / model.logit_scale.exp(), beta=0.0)
 
-    train_loop("anchor", clip, loss, [images], args.anchor_steps, args.anchor_batch, 1e-3, args, distributed=False)
+    train_loop("anchor", clip, loss, [images], args.anchor_steps, args.anchor_batch, args.anchor_lr, args,
+               distributed=False, seed=args.world_seed)
     save_checkpoint({"config": config, "state_dict": clip.state_dict(), "step": args.anchor_steps,
                      "settings": stage_settings(args, "anchor")}, path)
 
 
-def make_model(clip, modalities, train_sets, args, experts, top_k):
+def make_model(clip, modalities, train_sets, args, experts, top_k, rank):
     """A UniAlign on its own copy of the frozen CLIP (the adapters go inside the copy's blocks), each
     tokenizer built for the input size its dataset delivers (modalities.py)."""
     sizes = sizes_of(vars(args))
     settings = {m: MODALITIES[m].settings(train_sets[m][0]["input"].shape, sizes) for m in modalities}
-    model_args = dict(modalities=modalities, experts=experts, rank=args.rank, top_k=top_k, alpha=args.lora_alpha,
+    model_args = dict(modalities=modalities, experts=experts, rank=rank, top_k=top_k, alpha=args.lora_alpha,
                       tokenizer_settings=settings, targets=tuple(args.adapt), shared_router=args.router == "shared")
     model = UniAlign(copy.deepcopy(clip), grad_checkpointing=args.grad_checkpointing, **model_args)
     return model.to(args.device), model_args
@@ -233,30 +266,66 @@ def wrap(model):
                find_unused_parameters=True)
 
 
+def train_single_lora(args, clip, text_of, dataset, stage, steps, path, seed, distributed=True):
+    """One plain-LoRA model (E = 1) for one modality, trained alone with Eq. 5 against text: a specialist,
+    or a prior model. Reused from `path` when finished there with the same settings."""
+    m = dataset.modality
+    torch.manual_seed(stage_seed(seed, stage))
+    model, model_args = make_model(clip, [m], {m: dataset}, args, experts=1, top_k=1, rank=args.specialist_rank)
+    if (ckpt := reusable(path, args, stage, steps)) is not None:
+        log(f"{stage}: reusing {path} (finished, same settings)")
+        model.load_trainable_state_dict(ckpt["model"])
+    else:
+        log(f"{stage}: {model.count_trainable()['total']:,} trainable parameters, {len(dataset)} captioned samples")
+        train_loop(stage, wrap(model) if distributed else model, specialist_objective(text_of, 1 / clip.logit_scale.exp(), args),
+                   [dataset], steps, args.batch_size, args.lr, args, ckpt_path=path, extra={"model_args": model_args},
+                   seed=seed, distributed=distributed)
+    return model.eval()
+
+
+def train_prior(args, clip, bpe, modalities):
+    """Stage 2: the world's prior model of Eq. 9, standing in for ImageBind or ViT-Lens, which were
+    trained on far more data than a UniAlign run sees: one plain-LoRA model per extended modality,
+    trained like a specialist on the world's own draw (split "prior": `prior_size` samples, every
+    concept, every name, every sample captioned), never on a run's samples. Seeded by the world and
+    kept in the cache, so every run of the world has the same prior; OUT/prior_<m>.pt holds a copy."""
+    anchor = file_digest(args.clip or os.path.join(args.out, "anchor.pt"))
+    paths = {m: os.path.join(args.out, f"prior_{m}.pt") for m in modalities}
+    for m, path in paths.items():
+        if rank_and_world()[0] != 0:
+            continue
+        if reusable(path, args, f"prior:{m}", args.prior_steps) is not None:
+            log(f"prior:{m}: reusing {path} (finished, same settings)")
+            continue
+
+        def build():
+            draw = build_datasets(vars(args), "prior", [m])[m]
+            text_of = TextCache(clip, bpe, args.device, draw.captions)
+            train_single_lora(args, clip, text_of, draw, f"prior:{m}", args.prior_steps, path, args.world_seed,
+                              distributed=False)
+            return load_checkpoint(path)
+        content, how = cached(cache_folder(args), "prior", {**stage_settings(args, "prior"), "modality": m,
+                                                            "anchor": anchor}, TRAINING_CODE, build, f"the {m} prior")
+        if how == "reused":
+            save_checkpoint(content, path)
+            log(f"prior:{m}: the world's prior model, reused from the cache in {cache_folder(args)}")
+    if rank_and_world()[1] > 1:
+        dist.barrier()  # the other ranks wait for rank 0's prior models
+    return {m: load_model(path, clip, args.device)[0] for m, path in paths.items()}
+
+
 def train_specialists(args, clip, text_of, train_sets, modalities):
-    """Stage 2: the "prior work" baseline, separate training per modality with one plain LoRA (E = 1)."""
-    specialists = {}
-    for m in modalities:
-        stage, path = f"specialist:{m}", os.path.join(args.out, f"specialist_{m}.pt")
-        torch.manual_seed(stage_seed(args.seed, stage))
-        model, model_args = make_model(clip, [m], train_sets, args, experts=1, top_k=1)
-        log(f"specialist {m}: {model.count_trainable()['total']:,} trainable parameters")
-        if (ckpt := reusable(path, args, stage, args.specialist_steps)) is not None:
-            log(f"{stage}: reusing {path} (finished, same settings)")
-            model.load_trainable_state_dict(ckpt["model"])
-        else:
-            train_loop(stage, wrap(model), specialist_objective(text_of, 1 / clip.logit_scale.exp(), args),
-                       [train_sets[m]], args.specialist_steps, args.batch_size, args.lr, args, ckpt_path=path,
-                       extra={"model_args": model_args})
-        specialists[m] = model.eval()
-    return specialists
+    """Stage 3: the "prior work" baseline, separate training per modality with one plain LoRA (E = 1),
+    on the samples of the run's own training set that carry a caption."""
+    return {m: train_single_lora(args, clip, text_of, Captioned(train_sets[m]), f"specialist:{m}", args.specialist_steps,
+                                 os.path.join(args.out, f"specialist_{m}.pt"), args.seed) for m in modalities}
 
 
 def train_unialign(args, clip, text_of, train_sets, modalities, prior_dims):
-    """Stage 3: one model, one phase, every dataset, Eq. 10."""
+    """Stage 4: one model, one phase, every dataset, Eq. 10."""
     path = os.path.join(args.out, "ckpt.pt")
     torch.manual_seed(stage_seed(args.seed, "unialign"))
-    model, model_args = make_model(clip, modalities, train_sets, args, args.experts, args.top_k)
+    model, model_args = make_model(clip, modalities, train_sets, args, args.experts, args.top_k, args.rank)
     counts = model.count_trainable()
     log(f"UniAlign: {counts['total']:,} trainable parameters (" +
         ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total") + ")")
@@ -305,16 +374,25 @@ def run(args):
     modalities = [m for m in args.modalities or extended() if m in train_sets]
     if not args.clip and "image" not in train_sets:
         raise SystemExit("--data without --clip needs an image manifest to pre-train the anchor CLIP on")
-    log("datasets: " + ", ".join(f"{m} {len(d)}" for m, d in train_sets.items()) + f" ({time.time() - t0:.1f}s)")
+    log("datasets: " + ", ".join(f"{m} {len(d)}" + (f" ({sum(c is not None for c in d.captions)} captioned)"
+                                                      if None in d.captions else "") for m, d in train_sets.items())
+        + f" ({time.time() - t0:.1f}s)")
+    if not args.data:
+        built = sum(getattr(d, "cache_use", "built") == "built" for d in train_sets.values())
+        log(f"world: {built} datasets built, {len(train_sets) - built} reused, "
+            + (f"cached in {cache_folder(args)}" if cache_folder(args) else "not cached (--no-cache)"))
 
     clip, bpe = train_anchor(args, train_sets)
     text_of = TextCache(clip, bpe, args.device, [c for m in modalities for c in train_sets[m].captions])
     prior_dims = {}
+    priors = train_prior(args, clip, bpe, modalities) if args.prior == "world" else None
     if args.prior == "specialists" or not args.data:  # on the synthetic world they are also the baseline
         specialists = train_specialists(args, clip, text_of, train_sets, modalities)
-    if args.prior == "specialists":
+        if args.prior == "specialists":
+            priors = specialists
+    if priors:
         for m in modalities:
-            prior = embed(specialists[m], train_sets[m], args.device)[0].cpu()
+            prior = embed(priors[m], train_sets[m], args.device)[0].cpu()
             train_sets[m], prior_dims[m] = WithPrior(train_sets[m], prior), prior.shape[1]
     elif args.prior == "manifest":
         prior_dims = {m: p.shape[0] for m in modalities if (p := train_sets[m][0]["prior"]) is not None}

@@ -1,8 +1,9 @@
-"""Tests for ablations.py: every variant is a valid train.py flag set changing only its own setting,
-results aggregate to mean +- std over seeds with noise marked, and finished variants are reused
-while new ones get the seed's shared stages."""
+"""Tests for ablations.py: every variant is a valid train.py flag set changing only UniAlign's settings,
+the matched controls have the ranks they claim, comparisons are paired over seeds with the verdict
+rule of the report, and finished variants are reused while new ones get the seed's shared stages."""
 
 import json
+import statistics
 import subprocess
 
 import pytest
@@ -11,50 +12,76 @@ import ablations
 import config
 
 
-def test_every_variant_is_an_ordinary_train_py_flag_set_changing_only_its_setting():
+def test_every_variant_is_an_ordinary_train_py_flag_set_changing_only_unialign_settings():
     full = vars(config.get_args(["--preset", "course"]))
     changed = {}
-    for key, (_, flags) in ablations.VARIANTS.items():
+    for key, (_, flags) in ablations.variants("course").items():
         args = vars(config.get_args(["--preset", "course", *flags]))
-        changed[key] = {k for k in full if args[k] != full[k]}
-    assert changed == {"full": set(), "no_moe": {"experts", "top_k"}, "shared_router": {"router"},
-                       "hard_targets": {"targets"}, "no_anchor": {"lambda_anchor"}, "no_prior": {"lambda_prior"}}
-    assert all(keys <= config.UNIALIGN_ONLY for keys in changed.values())  # so the shared stages are reused
+        changed[key] = {k: args[k] for k in full if args[k] != full[k]}
+    assert changed == {"full": {}, "no_moe": {"experts": 1, "top_k": 1}, "shared_router": {"router": "shared"},
+                       "lora_params": {"experts": 1, "top_k": 1, "rank": 32},  # E * r = 4 * 8
+                       "lora_compute": {"experts": 1, "top_k": 1, "rank": 16},  # k * r = 2 * 8
+                       "hard_targets": {"targets": "hard"}, "no_xx": {"beta": 0.0}, "no_anchor": {"lambda_anchor": 0.0},
+                       "no_prior": {"lambda_prior": 0.0}}
+    assert all(set(keys) <= config.UNIALIGN_ONLY for keys in changed.values())  # so the shared stages are reused
 
 
-def fake_metrics(top1, emergent):
-    return {"unialign": {"zero_shot_top1": {"audio": top1, "imu": top1 + 0.1, "mean": top1 + 0.05},
-                         "emergent_mean": emergent, "trainable_params": 1000},
-            "specialists": {"zero_shot_top1": {"audio": 0.5, "imu": 0.5, "mean": 0.5}, "trainable_params": 1200},
-            "raw_baseline": {"zero_shot_top1": {"audio": 0.3, "imu": 0.3, "mean": 0.3}},
-            "chance": {"audio": 0.1, "imu": 0.1, "mean": 0.1},
-            "emergent": {"audio->imu": {"r1": emergent, "chance": 0.1, "paired_in_training": False},
-                         "audio->image": {"r1": 0.9, "chance": 0.2, "paired_in_training": True}}}
+def test_paired_differences_and_the_verdict_rule():
+    # every seed agrees and the mean is far beyond 2 SE: holds
+    d = ablations.paired([0.50, 0.52, 0.49], [0.60, 0.63, 0.58])
+    assert d["mean"] == pytest.approx(-0.1) and d["agree"] == 3 and d["holds"]
+    assert d["se"] == pytest.approx(statistics.stdev([-0.10, -0.11, -0.09]) / 3 ** 0.5)
+    # unpaired, the spreads overlap; paired, the difference is the same every seed: it holds
+    d = ablations.paired([0.50, 0.60, 0.70], [0.51, 0.61, 0.71])
+    assert d["holds"] and d["mean"] == pytest.approx(-0.01)
+    # one seed disagrees: within noise whatever the mean
+    d = ablations.paired([0.50, 0.52, 0.61], [0.60, 0.63, 0.58])
+    assert d["agree"] == 2 and not d["holds"] and ablations.verdict(d, -1) == "within noise"
+    # all agree but |mean| <= 2 SE
+    d = ablations.paired([0.59, 0.50, 0.595], [0.60, 0.60, 0.60])
+    assert d["agree"] == 3 and abs(d["mean"]) < 2 * d["se"] and not d["holds"]
+    assert ablations.verdict(ablations.paired([0.7, 0.72], [0.6, 0.61]), -1) == "opposite"
 
 
-def test_results_are_mean_and_std_over_seeds_with_noise_marked(tmp_path):
-    values = {"full": (0.60, 0.64), "no_moe": (0.50, 0.52), "shared_router": (0.61, 0.62), "hard_targets": (0.6, 0.6),
-              "no_anchor": (0.55, 0.57), "no_prior": (0.62, 0.66)}
-    for key, per_seed in values.items():
-        for seed, top1 in enumerate(per_seed):
+def fake_metrics(top1, scarce, renamed):
+    """A run's metrics.json: audio (2,000 training samples) and imu (300), each top-1 given."""
+    return {"unialign": {"zero_shot_top1": {"audio": top1, "imu": scarce, "mean": (top1 + scarce) / 2},
+                         "other_names_top1": {"audio": top1 - 0.1}, "own_anchor_r1": {"audio": {"r1": 0.3, "chance": 0.1}},
+                         "held_out_top1": {"audio": 0.2}, "trainable_params": 1000,
+                         "adapter_macs_per_token": {"routed": 10, "computed": 20}},
+            "specialists": {"zero_shot_top1": {"audio": 0.5, "imu": 0.4, "mean": 0.45}, "trainable_params": 1200},
+            "chance": {"audio": 0.1, "imu": 0.1, "mean": 0.1}, "train_size": {"audio": 2000, "imu": 300},
+            "train_captioned": {"audio": 400, "imu": 300},
+            "cross_modal": {"audio->imu": {"r1": 0.4, "chance": 0.1, "renamed_r1": renamed, "connected_by": "x"},
+                            "audio->image": {"r1": 0.9, "chance": 0.2, "connected_by": "y"}}}
+
+
+def test_collect_pairs_each_variant_with_full_seed_by_seed(tmp_path):
+    runs = {"full": [(0.60, 0.50, 0.40), (0.70, 0.52, 0.44)], "hard_targets": [(0.60, 0.50, 0.30), (0.71, 0.52, 0.33)]}
+    for key, per_seed in runs.items():
+        for seed, values in enumerate(per_seed):
             (tmp_path / f"seed{seed}" / key).mkdir(parents=True)
-            (tmp_path / f"seed{seed}" / key / "metrics.json").write_text(json.dumps(fake_metrics(top1, top1 / 2)))
-    rows, modalities = ablations.collect(str(tmp_path), [0, 1])
-    assert modalities == ["audio", "imu"]
-    full = rows["full UniAlign"]
-    assert full["top1"]["audio"]["mean"] == pytest.approx(0.62) and full["top1"]["audio"]["std"] == pytest.approx(0.0283, abs=1e-4)
-    assert rows["chance"]["emergent"]["mean"] == pytest.approx(0.1)  # unpaired pairs only
-    assert rows["specialists (prior work)"]["params"] == 1200
-    assert ablations.versus_full(rows["no MoE (one LoRA expert)"], full) == "-0.110"
-    assert ablations.versus_full(rows["one shared router"], full) == "-0.005 (within noise)"
-    table = ablations.table(rows, modalities, {"seeds": [0, 1], "preset": "course", "world_seed": 0})
-    assert "| full UniAlign | 0.620 +- 0.028 | 0.720 +- 0.028 | **0.670 +- 0.028** |" in table
+            (tmp_path / f"seed{seed}" / key / "metrics.json").write_text(json.dumps(fake_metrics(*values)))
+    result = ablations.collect(str(tmp_path), [0, 1], list(runs))
+    renamed = result["differences"]["hard_targets"]["renamed_r1"]
+    assert renamed["per_seed"] == pytest.approx([-0.10, -0.11]) and renamed["holds"]
+    top1 = result["differences"]["hard_targets"]["top1:audio"]
+    assert top1["per_seed"] == pytest.approx([0.0, 0.01]) and not top1["holds"]
+    assert result["rows"]["full"]["top1_scarce"]["mean"] == pytest.approx(0.51)  # imu is scarce: < half of 2,000
+    # UniAlign's gain over the specialists: imu +0.10, +0.12; audio +0.10, +0.20 -> scarce minus rich 0.0, -0.08
+    gain = result["differences"]["specialists"]["scarce_gain"]
+    assert gain["per_seed"] == pytest.approx([0.0, -0.08])
+    claims = {(c["variant"], c["measure"]): c for c in result["claims"]}
+    assert claims[("hard_targets", "renamed_r1")]["holds"] and ablations.verdict(claims[("hard_targets", "renamed_r1")], -1) == "holds"
+    text = ablations.report(result, {"full": "full UniAlign"}, {"preset": "course", "seeds": [0, 1], "world_seed": 0,
+                                                                "held_out": ["cone"]})
+    assert "-0.105 +- 0.005 (2/2) **holds**" in text and "audio 2000 (400), imu 300" in text
 
 
 def test_a_finished_variant_is_reused_and_a_new_one_gets_the_shared_stages(tmp_path, monkeypatch):
     full, variant = tmp_path / "full", tmp_path / "no_moe"
     full.mkdir()
-    for name in ("anchor.pt", "bpe.txt.gz", "specialist_audio.pt", "ckpt.pt", "metrics.json"):
+    for name in ("anchor.pt", "bpe.txt.gz", "prior_audio.pt", "specialist_audio.pt", "ckpt.pt", "metrics.json"):
         (full / name).write_text(name)
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda command, **kw: ran.append(command) or subprocess.CompletedProcess(command, 0))
@@ -62,4 +89,5 @@ def test_a_finished_variant_is_reused_and_a_new_one_gets_the_shared_stages(tmp_p
     assert ran == []
     ablations.run_variant(["python", "train.py", "--experts", "1"], str(variant), str(full))
     assert ran == [["python", "train.py", "--experts", "1"]]
-    assert sorted(p.name for p in variant.iterdir()) == ["anchor.pt", "bpe.txt.gz", "specialist_audio.pt", "train.log"]
+    assert sorted(p.name for p in variant.iterdir()) == ["anchor.pt", "bpe.txt.gz", "prior_audio.pt",
+                                                        "specialist_audio.pt", "train.log"]

@@ -1,8 +1,10 @@
 """Tests for eval.py: retrieval counted by concept (an oracle scores 1, random scores chance), exact
-chance levels, which modality pairs count as paired in training, and held-out concepts scored apart."""
+chance levels, what connects each pair of modalities in training, and held-out concepts scored apart."""
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -57,34 +59,69 @@ def test_top5_is_left_out_with_five_classes_or_fewer():
 
 
 class Set:
-    def __init__(self, anchored):
-        self.anchored = anchored
+    def __init__(self, anchored, captions):
+        self.anchored, self.captions = anchored, captions
 
 
-def test_only_anchor_images_pair_a_modality_with_image():
-    seen = evaluation.paired_in_training({"audio": Set(True), "imu": Set(False)})
-    assert frozenset(("audio", "image")) in seen and frozenset(("imu", "image")) not in seen
-    assert frozenset(("audio", "imu")) not in seen and frozenset(("imu", "text")) in seen
+CONFIG = dict(beta=0.5, targets="soft", lambda_anchor=1.0)
+
+
+def test_each_pair_is_named_by_what_connects_it_in_training():
+    """Anchor images pair a modality with image (Eq. 8), L_xx binds two captioned modalities (Eq. 6),
+    and everything else meets only through text: emergent. Each connection goes when its cause goes."""
+    sets = {"audio": Set(True, ["the sound of a cube.", None]), "imu": Set(False, ["the motion of a cube."]),
+            "depth": Set(True, [None, None])}
+    links = evaluation.connections(CONFIG, sets)
+    pair = lambda a, b: links[frozenset((a, b))]
+    assert pair("audio", "image") == evaluation.ANCHOR and pair("imu", "image") == evaluation.TEXT
+    assert pair("audio", "imu") == evaluation.BINDING
+    assert pair("audio", "depth") == evaluation.TEXT  # depth has no caption: L_xx never sees it
+    assert evaluation.connections({**CONFIG, "beta": 0.0}, sets)[frozenset(("audio", "imu"))] == evaluation.TEXT
+    assert evaluation.connections({**CONFIG, "lambda_anchor": 0.0}, sets)[frozenset(("audio", "image"))] == evaluation.TEXT
+    hard = {**CONFIG, "targets": "hard"}  # one-hot targets bind only identical captions
+    assert evaluation.connections(hard, sets)[frozenset(("audio", "imu"))] == evaluation.TEXT
+    shared = {**sets, "imu": Set(False, ["the sound of a cube."])}
+    assert evaluation.connections(hard, shared)[frozenset(("audio", "imu"))] == evaluation.BINDING
 
 
 @pytest.fixture(scope="module")
 def held_out_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("held")
-    train.main(["--preset", "smoke", "--modalities", "audio", "depth", "--held-out", "cube", "--out", str(out)])
+    train.main(["--preset", "smoke", "--modalities", "audio", "depth", "imu", "--held-out", "cube", "--coverage", "1",
+                "--out", str(out)])
     return json.loads((out / "metrics.json").read_text()), out
 
 
 def test_metrics_json_describes_itself(held_out_run):
+    from world import World
+
     metrics, _ = held_out_run
     assert metrics["config"]["held_out"] == ["cube"] and metrics["config"]["preset"] == "smoke"
-    assert metrics["classes"]["audio"] == ["sphere", "cube", "cylinder", "cone"]
+    assert metrics["classes"]["audio"] == World(4, 0).vocabulary("audio")  # the dataset's own names
     assert metrics["chance"]["audio"] == 0.25
-    assert metrics["emergent"]["audio->image"]["paired_in_training"] is True  # audio carries anchor images
-    assert metrics["emergent"]["audio->depth"]["paired_in_training"] is False
-    assert set(metrics["emergent_r1"]) == {p for p, e in metrics["emergent"].items() if not e["paired_in_training"]}
+    assert metrics["train_size"]["imu"] == 7 and metrics["train_captioned"]["audio"] == 10  # 48 * 0.15, 48 * 0.2
+    pairs = metrics["cross_modal"]
+    assert pairs["audio->image"]["connected_by"] == evaluation.ANCHOR  # audio carries anchor images
+    assert pairs["imu->image"]["connected_by"] == evaluation.TEXT
+    assert pairs["audio->imu"]["connected_by"] == evaluation.BINDING
+    assert set(pairs["audio->imu"]) >= {"r1", "chance", "connected_by"}
+    assert set(metrics["emergent_r1"]) == {p for p, e in pairs.items() if e["connected_by"] == evaluation.TEXT}
     assert metrics["unialign"]["emergent_mean"] == pytest.approx(
         sum(metrics["emergent_r1"].values()) / len(metrics["emergent_r1"]))
     assert metrics["unialign"]["zero_shot_top5"] == {}  # 4 classes: top-5 would always be 1
+    assert set(metrics["unialign"]["own_anchor_r1"]) == {"audio", "depth"}
+    assert set(metrics["prior"]["zero_shot_top1"]) == {"audio", "depth", "imu", "mean"}
+
+
+def test_without_binding_and_anchors_every_pair_is_emergent(held_out_run, tmp_path):
+    _, out = held_out_run
+    for name in os.listdir(out):
+        if name.startswith(("anchor", "bpe", "prior_", "specialist_")):
+            shutil.copy(out / name, tmp_path / name)
+    train.main(["--preset", "smoke", "--modalities", "audio", "depth", "imu", "--held-out", "cube", "--coverage", "1",
+                "--beta", "0", "--lambda-anchor", "0", "--out", str(tmp_path)])
+    pairs = json.loads((tmp_path / "metrics.json").read_text())["cross_modal"]
+    assert {e["connected_by"] for e in pairs.values()} == {evaluation.TEXT}
 
 
 def test_held_out_concepts_are_scored_apart(held_out_run):

@@ -10,11 +10,16 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from losses import (anchor_distillation_loss, gather_with_grad, load_balance_loss, prior_distillation_loss,
-                    soft_binding_loss, soft_targets, unialign_loss)
+from losses import (anchor_distillation_loss, gather_with_grad, hard_targets, load_balance_loss,
+                    prior_distillation_loss, soft_binding_loss, soft_targets, unialign_loss)
 
 TAU, TAU_S, TAU_KD = 0.07, 0.01, 0.5
-SETTINGS = dict(tau_s=TAU_S, beta=0.5, tau_kd=TAU_KD, gamma=0.5, lambda_anchor=1.0, lambda_prior=1.0, lambda_bal=0.1)
+SETTINGS = dict(beta=0.5, tau_kd=TAU_KD, gamma=0.5, lambda_anchor=1.0, lambda_prior=1.0, lambda_bal=0.1)
+
+
+def objective(z, t, **kw):
+    """unialign_loss with the soft targets of t (Eq. 4), every row captioned."""
+    return unialign_loss(z, t, TAU, y=soft_targets(t, TAU_S), **{**SETTINGS, **kw})
 
 
 def unit(*shape):
@@ -118,8 +123,8 @@ def test_empty_terms_are_exact_zeros_with_a_graph():
     torch.manual_seed(0)
     z, t, v = unit(6, 16).requires_grad_(), unit(6, 16), unit(6, 16)
     singleton = (torch.tensor([2]), torch.randn(1, 24))
-    loss, parts = unialign_loss(z, t, TAU, v=v, anchor_mask=torch.zeros(6, dtype=torch.bool),
-                                priors=[(torch.tensor([], dtype=torch.long), torch.randn(0, 24)), singleton], **SETTINGS)
+    loss, parts = objective(z, t, v=v, anchor_mask=torch.zeros(6, dtype=torch.bool),
+                            priors=[(torch.tensor([], dtype=torch.long), torch.randn(0, 24)), singleton])
     assert parts["anchor"] == 0.0 and parts["prior"] == 0.0 and parts["bal"] == 0.0
     assert loss.item() == parts["bind"]
     loss.backward()
@@ -149,12 +154,13 @@ def test_load_balance():
 
 
 def full_batch(n=12, d=16):
-    """A mixed batch: duplicate captions, some anchored samples, some samples with a prior."""
+    """A mixed batch: duplicate captions, rows without one, some anchored samples, some with a prior."""
     g = torch.Generator().manual_seed(1)
     captions = F.normalize(torch.randn(5, d, generator=g), dim=-1)
     return {
         "x": torch.randn(n, 10, generator=g),
         "t": captions[torch.arange(n) % 5],
+        "captioned": torch.arange(n) % 6 != 2,
         "v": F.normalize(torch.randn(n, d, generator=g), dim=-1),
         "anchor": torch.arange(n) % 3 != 0,
         "has_prior": torch.arange(n) % 4 != 1,
@@ -166,9 +172,11 @@ def batch_loss(model, batch):
     """unialign_loss on the global batch: gathered across ranks when distributed, as is otherwise."""
     z = gather_with_grad(F.normalize(model(batch["x"]), dim=-1))
     t, v, p = (gather_with_grad(batch[k]) for k in ("t", "v", "p"))
-    anchor, has_prior = (gather_with_grad(batch[k].float()).bool() for k in ("anchor", "has_prior"))
+    captioned, anchor, has_prior = (gather_with_grad(batch[k].float()).bool() for k in ("captioned", "anchor", "has_prior"))
     rows = has_prior.nonzero().squeeze(1)
-    return unialign_loss(z, t, TAU, v=v, anchor_mask=anchor, priors=[(rows, p[rows])], **SETTINGS)
+    t = t[captioned]
+    return unialign_loss(z, t, TAU, y=soft_targets(t, TAU_S), caption_mask=captioned, v=v, anchor_mask=anchor,
+                         priors=[(rows, p[rows])], **SETTINGS)
 
 
 def small_model():
@@ -208,11 +216,12 @@ def test_autocast_changes_nothing():
     torch.manual_seed(0)
     z, t, v = unit(12, 32), unit(12, 32), unit(12, 32)
     kwargs = dict(anchor_mask=torch.arange(12) % 2 == 0, priors=[(torch.arange(8), torch.randn(8, 24))],
-                  balance=[(torch.full((4,), 0.25), torch.rand(4))], **SETTINGS)
-    reference, _ = unialign_loss(z, t, TAU, v=v, **kwargs)
+                  balance=[(torch.full((4,), 0.25), torch.rand(4))])
+    reference, _ = objective(z, t, v=v, **kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        same, _ = unialign_loss(z, t, TAU, v=v, **kwargs)
-        half, _ = unialign_loss(z.bfloat16(), t.bfloat16(), TAU, v=v.bfloat16(), **kwargs)
+        same, _ = objective(z, t, v=v, **kwargs)
+        half, _ = unialign_loss(z.bfloat16(), t.bfloat16(), TAU, y=soft_targets(t, TAU_S), v=v.bfloat16(),
+                                **{**SETTINGS, **kwargs})
     assert same.dtype == half.dtype == torch.float32
     assert torch.allclose(same, reference, atol=1e-6, rtol=0)
     assert torch.isfinite(half) and torch.allclose(half, reference, rtol=0.02)
@@ -224,7 +233,40 @@ def test_the_balance_term_is_the_mean_over_router_calls():
     z, t = unit(6, 16), unit(6, 16)
     uniform = (torch.full((4,), 0.25), torch.full((4,), 0.25))
     skewed = (torch.tensor([1.0, 0, 0, 0]), torch.tensor([1.0, 0, 0, 0]))  # L_bal = 4
-    _, parts = unialign_loss(z, t, TAU, balance=[uniform] * 3, **SETTINGS)
+    _, parts = objective(z, t, balance=[uniform] * 3)
     assert parts["bal"] == pytest.approx(1.0)
-    _, parts = unialign_loss(z, t, TAU, balance=[uniform, skewed], **SETTINGS)
+    _, parts = objective(z, t, balance=[uniform, skewed])
     assert parts["bal"] == pytest.approx(2.5)
+
+
+def test_hard_targets_are_plain_contrastive_and_a_row_without_a_positive_adds_nothing_to_xx():
+    """Hard targets (the "no soft binding" ablation): Y_ij = 1 / n_i for identical captions. A batch
+    whose captions are all distinct has L_xx = 0; with one caption repeated, L_xx is the mean over the
+    two rows that share it of -log softmax_{j != i}(z_i . z_j / tau) at the other row."""
+    torch.manual_seed(0)
+    z, t = unit(5, 16), unit(5, 16)
+    y = hard_targets(torch.tensor([0, 1, 2, 3, 4]))
+    assert torch.equal(y, torch.eye(5))
+    assert soft_binding_loss(z, t, y, TAU, beta=1.0)[1]["xx"] == 0.0
+    y = hard_targets(torch.tensor([0, 1, 0, 2, 3]))  # rows 0 and 2 share a caption
+    assert y[0, 0] == y[0, 2] == 0.5 and y[1, 1] == 1.0
+    logits = (z @ z.T / TAU).masked_fill(torch.eye(5, dtype=torch.bool), float("-inf"))
+    by_hand = -(logits[0].log_softmax(-1)[2] + logits[2].log_softmax(-1)[0]) / 2
+    _, parts = soft_binding_loss(z, t, y, TAU, beta=1.0)
+    assert parts["xx"] == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_rows_without_a_caption_join_only_the_anchor_and_prior_terms():
+    """caption_mask: L_bind is taken over the captioned rows alone; an uncaptioned row still meets its
+    anchor (Eq. 8): moving it changes L_anchor and nothing in L_bind."""
+    torch.manual_seed(0)
+    z, v, t = unit(6, 16), unit(6, 16), unit(6, 16)
+    captioned = torch.tensor([True, True, False, True, False, True])
+    run = lambda z: unialign_loss(z, t[captioned], TAU, y=soft_targets(t[captioned], TAU_S), caption_mask=captioned,
+                                  v=v, **SETTINGS)[1]
+    parts = run(z)
+    bind, _ = soft_binding_loss(z[captioned], t[captioned], soft_targets(t[captioned], TAU_S), TAU, 0.5)
+    assert parts["bind"] == pytest.approx(bind.item())
+    moved = z.clone()
+    moved[2] = v[2]  # the uncaptioned row 2 now equals its anchor image
+    assert run(moved)["bind"] == parts["bind"] and run(moved)["anchor"] < parts["anchor"]

@@ -50,4 +50,4 @@ def test_a_registered_modality_is_trained_and_evaluated(monkeypatch, tmp_path):
     train.main(["--preset", "smoke", "--modalities", "thermal", "audio", "--out", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["unialign"]["zero_shot_top1"]) == {"thermal", "audio", "mean"}
-    assert "thermal" in metrics["specialists"]["zero_shot_top1"] and "thermal->audio" in metrics["emergent"]
+    assert "thermal" in metrics["specialists"]["zero_shot_top1"] and "thermal->audio" in metrics["cross_modal"]

@@ -18,7 +18,7 @@ from checkpoint import load_checkpoint
 from modalities import extended
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["anchor.pt", "bpe.txt.gz"] + [f"specialist_{m}.pt" for m in extended()]
+STAGES = ["anchor.pt", "bpe.txt.gz"] + [f"{kind}_{m}.pt" for kind in ("prior", "specialist") for m in extended()]
 
 
 def run(*args, **kw):
@@ -43,13 +43,14 @@ def test_smoke_recipe_writes_every_artefact(smoke):
                           "routing.png", "similarity.png"]:
         assert (smoke / name).exists(), name
     metrics = json.loads((smoke / "metrics.json").read_text())
-    for block in ("unialign", "specialists", "raw_baseline"):
+    for block in ("unialign", "specialists", "prior", "raw_baseline"):
         assert set(extended()) <= set(metrics[block]["zero_shot_top1"]), block
     assert metrics["unialign"]["trainable_params"] < metrics["specialists"]["trainable_params"]
-    assert "audio->point" in metrics["emergent_r1"] and "imu->image" in metrics["emergent_r1"]
-    assert metrics["emergent"]["audio->image"]["paired_in_training"]  # anchor images pair audio with image
+    assert "imu->image" in metrics["emergent_r1"]
+    assert metrics["cross_modal"]["audio->image"]["connected_by"].startswith("anchor images")
+    assert metrics["cross_modal"]["audio->point"]["connected_by"].startswith("soft binding")
     stages = {json.loads(line)["stage"].split(":")[0] for line in (smoke / "log.jsonl").read_text().splitlines()}
-    assert stages == {"anchor", "specialist", "unialign"}
+    assert {"specialist", "unialign"} <= stages <= {"anchor", "prior", "specialist", "unialign"}
     ckpt = load_checkpoint(smoke / "ckpt.pt")
     assert ckpt["step"] == ckpt["config"]["steps"] and {"optimizer", "sampler", "rng", "model_args", "settings"} <= set(ckpt)
 
@@ -63,14 +64,20 @@ def test_finished_stages_are_reused_and_other_settings_refused(smoke, capsys):
 
 
 def test_unialign_does_not_depend_on_how_earlier_stages_were_obtained(smoke, tmp_path, capsys):
-    """Copying the anchor and the specialists into a fresh folder and rerunning gives the UniAlign of
-    the run that trained them, bit for bit: each stage is seeded from (seed, its name)."""
+    """Copying the anchor, the prior and the specialists into a fresh folder and rerunning gives the
+    UniAlign of the run that trained them, bit for bit: each stage is seeded from (seed, its name).
+    So does a run that builds the world, its anchor and its prior afresh (--no-cache)."""
     out = with_finished_stages(smoke, tmp_path / "copied")
     train.main(["--preset", "smoke", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "anchor: reusing" in printed and "specialist:audio: reusing" in printed
-    a, b = trainable_state(smoke), trainable_state(out)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "anchor: reusing" in printed and "prior:audio: reusing" in printed and "specialist:audio: reusing" in printed
+    fresh = tmp_path / "fresh"
+    train.main(["--preset", "smoke", "--out", str(fresh), "--no-cache", "--no-eval"])
+    assert "not cached (--no-cache)" in capsys.readouterr().out
+    a = trainable_state(smoke)
+    for other in (out, fresh):
+        b = trainable_state(other)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     before, after = (json.loads((o / "metrics.json").read_text())["unialign"] for o in (smoke, out))
     assert before == after
 

@@ -1,6 +1,7 @@
 """Behaviour of one UniAlign training step, pinned down so that a broken step fails a test: rows stay
-with their samples, anchor images are encoded, every loss weight scales exactly its own term, and
-training a tiny world improves zero-shot accuracy over the untrained model by a clear margin."""
+with their samples, the objective meets each row's own caption, anchor and prior at CLIP's
+temperature, anchor images are encoded, every loss weight scales exactly its own term, and training
+a tiny world improves zero-shot accuracy over the untrained model by a clear margin."""
 
 import json
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import train
 from data import collate
+from losses import soft_targets, unialign_loss
 from test_clip import tiny_clip
 from test_encoder import tiny_unialign
 
@@ -27,7 +29,7 @@ def mixed_batch(n=9, seed=0):
 
 
 def text_of(texts):
-    table = F.normalize(torch.randn(4, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
+    table = F.normalize(torch.randn(9, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
     return table[torch.tensor([int(t.split()[-1]) for t in texts])]
 
 
@@ -49,6 +51,41 @@ def objective_parts(args, batch, clip):
     model = tiny_unialign()
     loss, parts = train.unialign_objective(clip, text_of, args)(model, batch)
     return loss, parts
+
+
+def test_the_objective_meets_each_rows_own_caption_anchor_and_prior_at_clips_temperature():
+    """unialign_objective on a hand-made batch equals Eq. 10 computed from each sample encoded alone,
+    with its own caption (two depth rows have none), its own anchor image and its own prior, at
+    tau = 1 / CLIP's logit scale (set to 1 / 0.05 here, apart from every other temperature)."""
+    clip = tiny_clip()
+    with torch.no_grad():
+        clip.logit_scale.fill_(torch.log(torch.tensor(1 / 0.05)))
+    model = tiny_unialign()
+    with torch.no_grad():
+        for adapter in model.adapters:
+            adapter.lora_B.normal_()
+    g = torch.Generator().manual_seed(7)
+    samples, _ = mixed_batch()
+    samples = [{**s, "text": None if k in (1, 7) else f"caption {k}", "prior": torch.randn(12, generator=g)}
+               for k, s in enumerate(samples)]  # every caption distinct, depth rows 1 and 7 without one
+    batch = collate(samples)
+    args = train.get_args(["--preset", "smoke", "--lambda-bal", "0"])
+    _, parts = train.unialign_objective(clip, text_of, args, {m: 12 for m in SIZES})(model, batch)
+    with torch.no_grad():
+        z = torch.cat([model.encode(s["modality"], s["input"][None])[0] for s in samples])
+        captioned = torch.tensor([s["text"] is not None for s in samples])
+        t = text_of([s["text"] for s in samples if s["text"] is not None])
+        anchored = torch.tensor([s["anchor_image"] is not None for s in samples])
+        v = torch.zeros_like(z)
+        v[anchored] = F.normalize(clip.encode_image(torch.stack([s["anchor_image"] for s in samples
+                                                                 if s["anchor_image"] is not None])), dim=-1)
+        priors = [(rows, torch.stack([samples[k]["prior"] for k in rows.tolist()]))
+                  for rows in (torch.tensor([k for k, s in enumerate(samples) if s["modality"] == m]) for m in SIZES)]
+    _, expected = unialign_loss(z, t, 0.05, y=soft_targets(t, args.tau_s), caption_mask=captioned, beta=args.beta,
+                                v=v, anchor_mask=anchored, tau_kd=args.tau_kd, gamma=args.gamma, lambda_anchor=1.0,
+                                priors=priors, lambda_prior=1.0, lambda_bal=0.0)
+    for term in ("xt", "xx", "anchor", "prior"):
+        assert parts[term] == pytest.approx(expected[term], rel=1e-4, abs=1e-6), term
 
 
 def test_each_loss_weight_changes_the_objective_by_exactly_its_term():
