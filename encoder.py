@@ -73,15 +73,42 @@ class UniAlign(nn.Module):
             return F.normalize(self.clip.encode_text(x).float(), dim=-1), []
         with routed(self.adapters, modality):
             z = self.clip.visual.encode_tokens(self.tokenizers[modality](x))
-        return F.normalize(z.float(), dim=-1), [adapter.stats for adapter in self.adapters]
+        # a merged modality runs no router: nothing for Eq. 3
+        return F.normalize(z.float(), dim=-1), [adapter.stats for adapter in self.adapters if adapter.merged != modality]
 
     def forward(self, inputs):
         """{modality: batch} -> ({modality: (B, D) embeddings}, {modality: router statistics})."""
         encoded = {m: self.encode(m, x) for m, x in inputs.items()}
         return {m: z for m, (z, _) in encoded.items()}, {m: stats for m, (_, stats) in encoded.items() if stats}
 
+    def merge(self, modality):
+        """Fold `modality`'s expected expert update into a merged weight of every adapter
+        (`LoRAMoELinear.merge`): its encodings then cost what the frozen ViT costs, no router and
+        no expert running. Exact only for token-independent routing (E = 1, as the specialists);
+        an approximation otherwise (docs/method.md section 7). Needs the routing statistics of
+        training-mode forwards of that modality, which a trained model's checkpoint holds.
+
+        Images and text keep CLIP's frozen path bit for bit, and the other modalities keep their
+        routing; one modality at a time, until `unmerge()`.
+        """
+        if modality not in self.tokenizers:
+            raise KeyError(f"unknown modality {modality!r}; this model encodes {self.modalities}")
+        for adapter in self.adapters:
+            adapter.merge(modality)
+        return self
+
+    def unmerge(self):
+        """Route the merged modality through its experts again."""
+        for adapter in self.adapters:
+            if adapter.merged is not None:
+                adapter.unmerge()
+        return self
+
     def trainable_names(self):
-        return {n for n, p in self.named_parameters() if p.requires_grad} | {n for n, _ in self.named_buffers()}
+        """Trainable parameters and the persistent buffers (gate statistics); not a merged weight."""
+        persistent = self.state_dict().keys()
+        return ({n for n, p in self.named_parameters() if p.requires_grad}
+                | {n for n, _ in self.named_buffers() if n in persistent})
 
     def trainable_state_dict(self):
         """Tokenizers, experts, routers and the routers' running gate statistics: what a checkpoint holds."""

@@ -26,7 +26,8 @@ What differs from loralib and the paper:
   in the *expected* update (alpha / r) * sum_e gbar_e B_e A_e, gbar being the mean top-k gate
   that modality m's tokens received in training-mode forwards. This is exact when the routing
   does not depend on the token (E = 1, or a router with zero weights) and an approximation
-  otherwise.
+  otherwise. The merged weight is a tensor of its own, used only for modality m: W is CLIP's
+  frozen weight, which the image path also runs, so merging never moves the anchor space.
 """
 
 from contextlib import contextmanager, nullcontext
@@ -41,10 +42,10 @@ class LoRAMoELinear(nn.Module):
     """A frozen linear (CLIP's own `weight` and `bias` Parameters, not copies) plus E LoRA experts
     routed per modality (Eq. 1-2).
 
-    Set `modality` before a forward; `None` is the frozen linear alone (the image path). After a
-    forward with a modality, `stats = {"f": (E,), "P": (E,)}` holds that call's fraction of
-    token->expert assignments per expert (detached, sums to 1) and mean softmax gate
-    (differentiable) for Eq. 3.
+    Set `modality` before a forward; `None` is the frozen linear alone (the image path), always,
+    merged or not. After a forward with a modality, `stats = {"f": (E,), "P": (E,)}` holds that
+    call's fraction of token->expert assignments per expert (detached, sums to 1) and mean softmax
+    gate (differentiable) for Eq. 3.
     """
 
     def __init__(self, weight, bias, modalities, experts=4, rank=8, top_k=2, alpha=16.0):
@@ -68,7 +69,7 @@ class LoRAMoELinear(nn.Module):
                                                      device=weight.device))
         self.register_buffer("token_count", torch.zeros(len(self.modalities), dtype=torch.float64,
                                                         device=weight.device))
-        self.register_buffer("original_weight", None, persistent=False)  # W while merged
+        self.register_buffer("merged_weight", None, persistent=False)  # W + the expected update, while merged
         self.modality, self.merged, self.stats = None, None, None
 
     def __getstate__(self):  # `stats` may hold a graph (P): copies and pickles start without it
@@ -80,8 +81,10 @@ class LoRAMoELinear(nn.Module):
                 f"top_k={self.top_k}, scaling={self.scaling}, modalities={self.modalities}")
 
     def forward(self, x):  # (..., in) -> (..., out)
-        if self.merged is not None or self.modality is None:
+        if self.modality is None:
             return F.linear(x, self.weight, self.bias)
+        if self.modality == self.merged:
+            return F.linear(x, self.merged_weight, self.bias)
         if self.modality not in self.modalities:
             raise KeyError(f"unknown modality {self.modality!r}; this adapter routes {self.modalities}")
         return self.add_expert_update(F.linear(x, self.weight, self.bias), x, self.route(x))
@@ -133,23 +136,29 @@ class LoRAMoELinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, modality):
-        """W <- W + (alpha / r) * sum_e gbar_e B_e A_e (the expected update of `modality`); the
-        forward is then the plain linear whatever `modality` is set to, until `unmerge()`."""
+        """merged_weight = W + (alpha / r) * sum_e gbar_e B_e A_e, the expected update of `modality`
+        folded in; W itself is left untouched. Until `unmerge()`, a forward routed for `modality`
+        is the plain linear with merged_weight (no router, no experts); modality None (the image
+        path) still runs the frozen W, and any other modality is routed over W as before.
+
+        Why a weight of its own rather than W updated in place: W is CLIP's frozen tensor, which
+        the image path also runs (the adapters sit inside the CLIP copy whose blocks encode
+        images too), so changing it would move the anchor space every embedding is compared in.
+        The price is one more (out, in) tensor per adapted linear while merged.
+        """
         if self.merged is not None:
             raise RuntimeError(f"already merged for {self.merged!r}; call unmerge() first")
         gbar = repeat(self.mean_gate(modality), "e -> (e r)", r=self.rank)
         update = self.scaling * (self.lora_B.double() * gbar) @ self.lora_A.double()  # (out, in)
-        self.original_weight = self.weight.detach().clone()
-        self.weight.add_(update.to(self.weight.dtype))
+        self.merged_weight = self.weight.detach() + update.to(self.weight.dtype)
         self.merged = modality
 
     @torch.no_grad()
     def unmerge(self):
-        """Restore the frozen weight bit for bit (copied back, not subtracted)."""
+        """Drop the merged weight: `modality` is routed through the experts again (W never changed)."""
         if self.merged is None:
             raise RuntimeError("not merged")
-        self.weight.copy_(self.original_weight)
-        self.original_weight, self.merged = None, None
+        self.merged_weight, self.merged = None, None
 
 
 def frozen_linear(block, target):

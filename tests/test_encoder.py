@@ -106,3 +106,32 @@ def test_unialign_grad_checkpointing_recomputes_with_the_same_routing():
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+def test_merging_a_modality_moves_neither_the_image_path_nor_the_other_modalities():
+    """The adapters sit inside the CLIP copy whose blocks also encode images: merging depth's expected
+    update must leave images (the anchor space) and imu bit for bit as they were."""
+    model = tiny_unialign()
+    with torch.no_grad():
+        for adapter in model.adapters:
+            adapter.lora_B.normal_()
+    batch, (images, ids) = unialign_batch(), inputs()
+    with torch.no_grad():
+        model.train().encode("depth", batch["depth"])  # training mode: the gate statistics merge needs
+        model.eval()
+        encode = lambda: {"image": model.encode("image", images)[0], "text": model.encode("text", ids)[0],
+                          **{m: model.encode(m, batch[m])[0] for m in ("imu", "depth")}}
+        before = encode()
+        model.merge("depth")
+        merged = encode()
+        assert model.encode("depth", batch["depth"])[1] == []  # no router ran: nothing for Eq. 3
+        for m in ("image", "text", "imu"):
+            assert torch.equal(merged[m], before[m]), m
+        assert not torch.equal(merged["depth"], before["depth"])  # token-dependent routing: merging approximates
+        state = model.trainable_state_dict()  # a checkpoint of a merged model holds no merged weight
+        assert not any("merged" in k for k in state)
+        model.load_trainable_state_dict(state)
+        model.unmerge()
+        assert torch.equal(model.encode("depth", batch["depth"])[0], before["depth"])
+    with pytest.raises(KeyError, match="eeg"):
+        model.merge("eeg")

@@ -136,7 +136,7 @@ def test_each_modality_has_its_own_router():
 @pytest.mark.parametrize("experts", [1, 4])
 def test_merge_agrees_with_routing_when_routing_is_token_independent(experts):
     """E = 1, or routers with zero weights: the expected update is the update, so merging is exact."""
-    _, vit, adapters = adapted_vit(experts=experts, top_k=min(2, experts))
+    frozen, vit, adapters = adapted_vit(experts=experts, top_k=min(2, experts))
     randomise_B(adapters)
     with torch.no_grad():
         for adapter in adapters:
@@ -148,15 +148,21 @@ def test_merge_agrees_with_routing_when_routing_is_token_independent(experts):
         vit(images())  # training mode: gathers the gate statistics
         vit.eval()
         expected = vit(images())
-        for adapter in adapters:
-            adapter.merge("audio")
-    for modality in [None, *MODALITIES]:  # merged: the plain linear whatever the modality
-        with routed(adapters, modality), torch.no_grad():
+    with routed(adapters, "depth"), torch.no_grad():
+        depth = vit(images())
+    for adapter in adapters:
+        adapter.merge("audio")
+    with torch.no_grad():
+        with routed(adapters, "audio"):
             assert torch.allclose(vit(images()), expected, atol=1e-5)
+        with routed(adapters, "depth"):  # another modality keeps its routing over the frozen W
+            assert torch.equal(vit(images()), depth)
+        with routed(adapters, None):  # the image path keeps the frozen W
+            assert torch.equal(vit(images()), frozen(images()))
     for adapter, original in zip(adapters, originals):
-        assert not torch.equal(adapter.weight, original)
+        assert torch.equal(adapter.weight, original) and not torch.equal(adapter.merged_weight, original)
         adapter.unmerge()
-        assert torch.equal(adapter.weight, original)
+        assert adapter.merged_weight is None and torch.equal(adapter.weight, original)
     assert torch.equal(vit.transformer.resblocks[0].attn.in_proj_weight, originals[0])
 
 
