@@ -34,8 +34,8 @@ PRESETS = {
 # those named here. A stage is reused, or resumed, only when all the settings that shape it are equal.
 RUN_ONLY = {"preset", "out", "resume", "device", "workers", "log_every", "ckpt_every", "no_eval", "max_bad_steps",
             "grad_checkpointing", "n_test", "on_bad"}  # change nothing a stage computes
-UNIALIGN_ONLY = {"steps", "experts", "top_k", "router", "adapt", "modalities", "alpha_sampling", "prior", "targets",
-                 "beta", "tau_kd", "gamma", "lambda_anchor", "lambda_prior", "lambda_bal"}
+UNIALIGN_ONLY = {"steps", "experts", "top_k", "router", "router_scope", "adapt", "modalities", "alpha_sampling", "prior",
+                 "targets", "beta", "tau_kd", "gamma", "lambda_anchor", "lambda_prior", "lambda_bal"}
 SPECIALIST_ONLY = {"specialist_steps"}
 NOT_ANCHOR = {"n_train", "held_out", "lr", "batch_size", "rank", "lora_alpha", "frames", "audio_seconds", "points",
               "point_channels", "point_groups", "point_neighbours", "imu_length", "eeg_channels", "eeg_length",
@@ -170,6 +170,9 @@ def make_parser(preset, description=None):
     g.add_argument("--top-k", type=positive(int), help="k experts per token; k = E is dense soft routing (Eq. 2); " + by_preset("top_k"))
     g.add_argument("--router", default="per-modality", choices=["per-modality", "shared"],
                    help="one router per modality (Eq. 2), or one router shared by all (an ablation) (default: per-modality)")
+    g.add_argument("--router-scope", default="linear", choices=["linear", "block"],
+                   help="a router per modality in every adapted linear (reading its input), or one per modality "
+                        "per block shared by its linears (reading the block's ln_1 input; lora_moe.py) (default: linear)")
     g.add_argument("--adapt", nargs="+", default=list(TARGETS), choices=TARGETS, metavar="LINEAR",
                    help=f"which frozen linears of each block get experts, of {' '.join(TARGETS)} (default: all four)")
     g.add_argument("--lora-alpha", type=positive(float), default=16.0, help="LoRA scale numerator, alpha / r (default: %(default)s)")

@@ -31,7 +31,7 @@ class UniAlign(nn.Module):
     """
 
     def __init__(self, clip, modalities, tokenizer_settings=None, experts=4, rank=8, top_k=2, alpha=16.0,
-                 targets=TARGETS, shared_router=False, grad_checkpointing=False):
+                 targets=TARGETS, shared_router=False, grad_checkpointing=False, router_scope="linear"):
         super().__init__()
         unknown = [m for m in modalities if MODALITIES.get(m) is None or MODALITIES[m].tokenizer is None]
         if unknown:
@@ -42,8 +42,8 @@ class UniAlign(nn.Module):
         settings = tokenizer_settings or {}
         self.tokenizers = nn.ModuleDict({m: MODALITIES[m].tokenizer(clip.visual.conv1.weight, **settings.get(m, {}))
                                          for m in self.modalities})
-        self.adapters = add_lora_moe(clip.visual.transformer.resblocks, self.modalities, targets,
-                                     experts, rank, top_k, alpha)  # a plain list: they are registered inside clip
+        self.adapters = add_lora_moe(clip.visual.transformer.resblocks, self.modalities, targets, experts, rank,
+                                     top_k, alpha, router_scope)  # a plain list: they are registered inside clip
         if shared_router and experts > 1:  # the ablation of Eq. 2's W_g^(m): one router, whatever the modality
             for adapter in self.adapters:
                 for m in self.modalities:

@@ -13,6 +13,20 @@ modality. Per call, `stats` keeps what the load-balancing term needs:
 This file holds `LoRAMoELinear` (one adapted linear), `add_lora_moe` (puts one into each chosen
 linear of every CLIP block) and `routed` (sets the modality of a list of adapters).
 
+Where the routers sit (`router_scope`; the paper does not say):
+- "linear" (the default): one router per modality in every adapted linear, reading that linear's
+  own input. At ViT-B/16 with E = 4 and all four linears adapted that is 12 blocks x 4 experts x
+  (769 + 769 + 769 + 3,073) = 258,240 router parameters per modality (c_proj's router reads 3,072
+  features).
+- "block": one router per modality per block, shared by the block's adapted linears. It reads
+  ln_1(x), the normalised input of the block (the input of in_proj), so every token gets one
+  expert mix per block and expert e of a block is one coherent LoRA of all its linears. The
+  linears see different inputs and c_proj's is 4x wider, so no single router could read each
+  linear's own input; the raw residual stream x (before ln_1) grows in norm with depth in a
+  pre-norm transformer and would carry that into the router's logits, ln_1(x) keeps them on one
+  scale. 12 x 4 x 769 = 36,912 per modality. Each adapter still runs the (shared) router itself
+  and reports the same statistics, so Eq. 3's mean over calls is the mean over blocks.
+
 What differs from loralib and the paper:
 - E = 1 is plain LoRA, in the same class: the gate is identically 1 and there are no routers.
 - All experts are computed for every token in two matmuls (A of all experts stacked as an
@@ -71,6 +85,7 @@ class LoRAMoELinear(nn.Module):
                                                         device=weight.device))
         self.register_buffer("merged_weight", None, persistent=False)  # W + the expected update, while merged
         self.modality, self.merged, self.stats = None, None, None
+        self.router_input = None  # a BlockInput when the router reads the block's input (router_scope="block")
 
     def __getstate__(self):  # `stats` may hold a graph (P): copies and pickles start without it
         return {**super().__getstate__(), "stats": None}
@@ -99,8 +114,9 @@ class LoRAMoELinear(nn.Module):
             self.stats = {"f": gates.new_ones(1), "P": gates.new_ones(1)}
         else:
             router = self.routers[self.modality]
+            source = x if self.router_input is None else self.router_input.read()  # (..., router's in)
             with torch.autocast(x.device.type, enabled=False):  # routing decisions in float32
-                probs = F.linear(x.float(), router.weight.float(), router.bias.float()).softmax(-1)  # (..., E)
+                probs = F.linear(source.float(), router.weight.float(), router.bias.float()).softmax(-1)  # (..., E)
             top, chosen = probs.topk(self.top_k, dim=-1)  # (..., k)
             gates = torch.zeros_like(probs).scatter(-1, chosen, top / top.sum(-1, keepdim=True))
             f = torch.bincount(chosen.flatten(), minlength=self.experts) / chosen.numel()
@@ -170,26 +186,72 @@ def frozen_linear(block, target):
 
 
 TARGETS = ("in_proj", "out_proj", "c_fc", "c_proj")
+ROUTER_SCOPES = ("linear", "block")
 
 
-def add_lora_moe(blocks, modalities, targets=TARGETS, experts=4, rank=8, top_k=2, alpha=16.0):
+class BlockInput:
+    """A block's ln_1(x), which its routers read under router_scope="block": kept by a forward hook on
+    `ln_1`, dropped by a forward hook on the block once the block has run (no activation outlives
+    it). Grad checkpointing recomputes the block through the same hooks."""
+
+    def __init__(self):
+        self.x = None
+
+    def __getstate__(self):  # copies and pickles never carry an activation
+        return {"x": None}
+
+    def keep(self, module, inputs, output):
+        self.x = output
+
+    def clear(self, module, inputs, output):
+        self.x = None
+
+    def read(self):
+        if self.x is None:
+            raise RuntimeError("router_scope='block': this adapter routes on its block's ln_1(x), and no block "
+                               "forward is running; call the block, not the linear alone")
+        return self.x
+
+
+def share_block_router(block, adapters, modalities, experts):
+    """router_scope="block": one router per modality for `block`, reading its ln_1(x), shared by `adapters`."""
+    weight = adapters[0].weight
+    routers = nn.ModuleDict({m: nn.Linear(block.ln_1.normalized_shape[0], experts, device=weight.device,
+                                          dtype=weight.dtype) for m in modalities})
+    block_input = BlockInput()
+    block.ln_1.register_forward_hook(block_input.keep)
+    block.register_forward_hook(block_input.clear)
+    for adapter in adapters:
+        adapter.routers, adapter.router_input = routers, block_input
+
+
+def add_lora_moe(blocks, modalities, targets=TARGETS, experts=4, rank=8, top_k=2, alpha=16.0, router_scope="linear"):
     """Replace the chosen frozen linears of every block by `LoRAMoELinear`s; returns them all.
 
-    The frozen weights keep their state-dict keys (`...mlp.c_fc.weight`, `...attn.in_proj_weight`);
-    the fused q, k, v weight also appears as `...attn.in_proj.weight`, the same tensor.
+    router_scope: "linear", a router per modality in every adapted linear, or "block", one per
+    modality per block shared by its adapted linears and reading the block's ln_1(x) (see the top
+    of this file). The frozen weights keep their state-dict keys (`...mlp.c_fc.weight`,
+    `...attn.in_proj_weight`); the fused q, k, v weight also appears as `...attn.in_proj.weight`,
+    the same tensor. A block router appears under each of its adapters' keys, the same tensors.
     """
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"unknown LoRA-MoE targets {unknown}; valid targets are {list(TARGETS)}")
+    if router_scope not in ROUTER_SCOPES:
+        raise ValueError(f"unknown router scope {router_scope!r}; valid scopes are {list(ROUTER_SCOPES)}")
     adapters = []
     for block in blocks:
+        in_block = []
         for target in targets:
             parent, weight, bias = frozen_linear(block, target)
             if isinstance(getattr(parent, target), LoRAMoELinear):
                 raise ValueError(f"{target} of this block already holds a LoRAMoELinear")
             adapter = LoRAMoELinear(weight, bias, modalities, experts, rank, top_k, alpha)
             setattr(parent, target, adapter)
-            adapters.append(adapter)
+            in_block.append(adapter)
+        if router_scope == "block" and experts > 1 and in_block:
+            share_block_router(block, in_block, modalities, experts)
+        adapters += in_block
     return adapters
 
 

@@ -95,10 +95,11 @@ def test_router_statistics_per_modality_feed_the_balance_term():
         assert all(torch.allclose(s["f"].sum(), torch.tensor(1.0)) and s["P"].requires_grad for s in stats)
 
 
-def test_unialign_grad_checkpointing_recomputes_with_the_same_routing():
+@pytest.mark.parametrize("router_scope", ["linear", "block"])
+def test_unialign_grad_checkpointing_recomputes_with_the_same_routing(router_scope):
     grads = []
     for checkpointing in (False, True):
-        model = tiny_unialign(grad_checkpointing=checkpointing)
+        model = tiny_unialign(grad_checkpointing=checkpointing, router_scope=router_scope)
         with torch.no_grad():
             for adapter in model.adapters:
                 adapter.lora_B.normal_()
@@ -135,3 +136,20 @@ def test_merging_a_modality_moves_neither_the_image_path_nor_the_other_modalitie
         assert torch.equal(model.encode("depth", batch["depth"])[0], before["depth"])
     with pytest.raises(KeyError, match="eeg"):
         model.merge("eeg")
+
+
+def test_block_router_scope_counts_one_router_per_modality_and_block_and_round_trips():
+    model = tiny_unialign(router_scope="block")
+    counts = model.count_trainable()
+    assert counts["routers"] == 2 * len(UNIALIGN_INPUTS) * (64 + 1) * 3  # blocks x modalities x (width + 1) x E
+    assert counts["experts"] == tiny_unialign().count_trainable()["experts"]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    fresh = tiny_unialign(router_scope="block")
+    fresh.load_trainable_state_dict(model.trainable_state_dict())  # a block router under each adapter's keys
+    batch = unialign_batch()
+    with torch.no_grad():
+        for m in batch:
+            assert torch.equal(model.encode(m, batch[m])[0], fresh.encode(m, batch[m])[0])
