@@ -39,7 +39,7 @@ UNIALIGN_ONLY = {"steps", "experts", "top_k", "router", "router_scope", "adapt",
 SPECIALIST_ONLY = {"specialist_steps"}
 NOT_ANCHOR = {"n_train", "held_out", "lr", "batch_size", "rank", "lora_alpha", "frames", "audio_seconds", "points",
               "point_channels", "point_groups", "point_neighbours", "imu_length", "eeg_channels", "eeg_length",
-              "series_kernel"}  # used by the specialists and UniAlign, not by the anchor CLIP
+              "series_kernel", "token_positions"}  # used by the specialists and UniAlign, not by the anchor CLIP
 
 
 def stage_settings(args, stage):
@@ -175,6 +175,9 @@ def make_parser(preset, description=None):
                         "per block shared by its linears (reading the block's ln_1 input; lora_moe.py) (default: linear)")
     g.add_argument("--adapt", nargs="+", default=list(TARGETS), choices=TARGETS, metavar="LINEAR",
                    help=f"which frozen linears of each block get experts, of {' '.join(TARGETS)} (default: all four)")
+    g.add_argument("--token-positions", default="random", choices=["random", "clip"],
+                   help="start of the tactile, depth and video tokenizers' positional embeddings: random, or CLIP's "
+                        "own resampled to their grid (specialists and UniAlign) (default: random)")
     g.add_argument("--lora-alpha", type=positive(float), default=16.0, help="LoRA scale numerator, alpha / r (default: %(default)s)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen blocks in backward (less memory)")
     g.add_argument("--ckpt-every", type=positive(int), default=100, help="steps between checkpoints (default: %(default)s)")

@@ -31,16 +31,19 @@ class UniAlign(nn.Module):
     """
 
     def __init__(self, clip, modalities, tokenizer_settings=None, experts=4, rank=8, top_k=2, alpha=16.0,
-                 targets=TARGETS, shared_router=False, grad_checkpointing=False, router_scope="linear"):
+                 targets=TARGETS, shared_router=False, grad_checkpointing=False, router_scope="linear",
+                 token_positions="random"):
         super().__init__()
         unknown = [m for m in modalities if MODALITIES.get(m) is None or MODALITIES[m].tokenizer is None]
         if unknown:
             raise ValueError(f"no tokenizer for {unknown}; extended modalities are "
                              f"{[m for m, s in MODALITIES.items() if s.tokenizer]}")
+        if token_positions not in ("random", "clip"):
+            raise ValueError(f"token_positions must be 'random' or 'clip', got {token_positions!r}")
         self.clip = clip.requires_grad_(False).eval()
         self.modalities = list(modalities)
         settings = tokenizer_settings or {}
-        self.tokenizers = nn.ModuleDict({m: MODALITIES[m].tokenizer(clip.visual.conv1.weight, **settings.get(m, {}))
+        self.tokenizers = nn.ModuleDict({m: self.make_tokenizer(m, settings.get(m, {}), token_positions)
                                          for m in self.modalities})
         self.adapters = add_lora_moe(clip.visual.transformer.resblocks, self.modalities, targets, experts, rank,
                                      top_k, alpha, router_scope)  # a plain list: they are registered inside clip
@@ -49,6 +52,14 @@ class UniAlign(nn.Module):
                 for m in self.modalities:
                     adapter.routers[m] = adapter.routers[self.modalities[0]]
         clip.visual.transformer.grad_checkpointing = grad_checkpointing
+
+    def make_tokenizer(self, modality, settings, token_positions):
+        """Modality's tokenizer from CLIP's patch conv; with token_positions "clip", the image-like ones
+        (tactile, depth, video) start from CLIP's positional embedding too (tokenizers.py)."""
+        cls = MODALITIES[modality].tokenizer
+        if token_positions == "clip" and getattr(cls, "takes_clip_positions", False):
+            settings = {**settings, "clip_positions": self.clip.visual.positional_embedding}
+        return cls(self.clip.visual.conv1.weight, **settings)
 
     def train(self, mode=True):
         """The frozen CLIP stays in eval mode; only the trainable parts switch."""

@@ -153,3 +153,23 @@ def test_block_router_scope_counts_one_router_per_modality_and_block_and_round_t
     with torch.no_grad():
         for m in batch:
             assert torch.equal(model.encode(m, batch[m])[0], fresh.encode(m, batch[m])[0])
+
+
+def test_with_clip_token_positions_image_like_inputs_start_as_clips_images():
+    """--token-positions clip: at initialisation a tactile copy of an image is encoded bit for bit as
+    the image, a disparity map as its grey image. (A still video gives the image's tokens once per
+    tubelet, test_tokenizers.py; its embedding differs, as the class token is then one key among
+    twice as many.)"""
+    model = UniAlign(tiny_clip(), ["tactile", *SETTINGS], {"tactile": {"image_size": 32}, **SETTINGS},
+                     experts=3, rank=4, top_k=2, token_positions="clip")  # imu and point keep their own start
+    images, _ = inputs()
+    with torch.no_grad():
+        image = model.encode("image", images)[0]
+        assert torch.equal(model.encode("tactile", images)[0], image)
+        grey = images[:, :1]
+        torch.testing.assert_close(model.encode("depth", grey)[0], model.encode("image", grey.expand(-1, 3, -1, -1))[0],
+                                   rtol=1e-4, atol=1e-5)
+    default = tiny_unialign()  # random positions, today's default
+    assert not torch.equal(default.tokenizers["depth"].positional_embedding, model.tokenizers["depth"].positional_embedding)
+    with pytest.raises(ValueError, match="token_positions"):
+        tiny_unialign(token_positions="learned")
