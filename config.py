@@ -39,7 +39,7 @@ UNIALIGN_ONLY = {"steps", "experts", "top_k", "router", "router_scope", "adapt",
 SPECIALIST_ONLY = {"specialist_steps"}
 NOT_ANCHOR = {"n_train", "held_out", "lr", "batch_size", "rank", "lora_alpha", "frames", "audio_seconds", "points",
               "point_channels", "point_groups", "point_neighbours", "imu_length", "eeg_channels", "eeg_length",
-              "series_kernel", "token_positions"}  # used by the specialists and UniAlign, not by the anchor CLIP
+              "series_kernel", "token_positions", "depth_format"}  # used by the specialists and UniAlign, not the anchor
 
 
 def stage_settings(args, stage):
@@ -120,6 +120,9 @@ def make_parser(preset, description=None):
                    help="a dataset is drawn with probability ~ size^alpha (default: %(default)s)")
     g.add_argument("--on-bad", default="raise", choices=["raise", "skip"],
                    help="a manifest sample that cannot be read: stop, or skip it, counted and logged (default: raise)")
+    g.add_argument("--depth-format", default="mm", choices=["mm", "sunrgbd"],
+                   help="16-bit depth PNGs in millimetres (NYU Depth v2), or SUN RGB-D's bit-rotated millimetres "
+                        "(readers.read_depth_metres) (default: mm)")
     g.add_argument("--image-size", type=positive(int),
                    help="images, tactile, depth and video frames (with --clip: CLIP's own); " + by_preset("image_size"))
     g.add_argument("--frames", type=positive(int), default=4, help="video frames per clip (default: %(default)s)")
