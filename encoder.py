@@ -28,6 +28,11 @@ class UniAlign(nn.Module):
     modality m takes its tokenizer -> CLIP's class token + the frozen ViT blocks whose linears are
     LoRA-MoE adapted and routed by m (Eq. 1-2) -> ln_post -> projection. Trainable: the tokenizers,
     the experts and the routers; nothing of CLIP.
+
+    Choices of ours (docs/method.md section 7): `router_scope` "linear" (a router per modality in
+    every adapted linear) or "block" (one per modality and block, reading its ln_1(x); lora_moe.py);
+    `token_positions` "random" or "clip" (the image-like tokenizers start from CLIP's positional
+    embedding; tokenizers.py). `merge(m)` / `unmerge()` fold m's expected expert update in for inference.
     """
 
     def __init__(self, clip, modalities, tokenizer_settings=None, experts=4, rank=8, top_k=2, alpha=16.0,
