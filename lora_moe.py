@@ -102,7 +102,9 @@ class LoRAMoELinear(nn.Module):
             return F.linear(x, self.merged_weight, self.bias)
         if self.modality not in self.modalities:
             raise KeyError(f"unknown modality {self.modality!r}; this adapter routes {self.modalities}")
-        return self.add_expert_update(F.linear(x, self.weight, self.bias), x, self.route(x))
+        # the router reads this linear's input, or under router_scope="block" its block's ln_1(x) (same leading dims)
+        routing_input = x if self.router_input is None else self.router_input.read()
+        return self.add_expert_update(F.linear(x, self.weight, self.bias), x, self.route(routing_input))
 
     def route(self, x):
         """Eq. 2: (..., in) -> gates (..., E), the softmax renormalised over its top-k (zero elsewhere).
@@ -114,9 +116,8 @@ class LoRAMoELinear(nn.Module):
             self.stats = {"f": gates.new_ones(1), "P": gates.new_ones(1)}
         else:
             router = self.routers[self.modality]
-            source = x if self.router_input is None else self.router_input.read()  # (..., router's in)
             with torch.autocast(x.device.type, enabled=False):  # routing decisions in float32
-                probs = F.linear(source.float(), router.weight.float(), router.bias.float()).softmax(-1)  # (..., E)
+                probs = F.linear(x.float(), router.weight.float(), router.bias.float()).softmax(-1)  # (..., E)
             top, chosen = probs.topk(self.top_k, dim=-1)  # (..., k)
             gates = torch.zeros_like(probs).scatter(-1, chosen, top / top.sum(-1, keepdim=True))
             f = torch.bincount(chosen.flatten(), minlength=self.experts) / chosen.numel()
