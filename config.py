@@ -37,14 +37,14 @@ PRESETS = {
 # (this run's baselines) and "unialign"; each is shaped by every setting except those named here.
 RUN_ONLY = {"preset", "out", "resume", "device", "workers", "log_every", "ckpt_every", "no_eval", "max_bad_steps",
             "grad_checkpointing", "n_test", "on_bad", "cache", "no_cache"}  # change nothing a stage computes
-UNIALIGN_ONLY = {"steps", "experts", "rank", "top_k", "router", "adapt", "modalities", "alpha_sampling", "prior", "targets",
+UNIALIGN_ONLY = {"steps", "experts", "rank", "top_k", "router", "router_scope", "adapt", "modalities", "alpha_sampling", "prior", "targets",
                  "beta", "tau_kd", "gamma", "lambda_anchor", "lambda_prior", "lambda_bal"}
 SPECIALIST_ONLY = {"specialist_steps"}
 PRIOR_ONLY = {"prior_size", "prior_steps"}
 RUN_DATA = {"seed", "n_train", "train_sizes", "coverage", "caption_fraction", "held_out"}  # a run's own draw, not the world's
 NOT_ANCHOR = {"lr", "batch_size", "specialist_rank", "lora_alpha", "frames", "audio_seconds", "points", "point_channels",
               "point_groups", "point_neighbours", "imu_length", "eeg_channels", "eeg_length",
-              "series_kernel"}  # used by the models trained on the anchor, not by the anchor CLIP
+              "series_kernel", "token_positions", "depth_format"}  # used by the models trained on the anchor, not by the anchor CLIP
 NOT_SHAPING = {"anchor": UNIALIGN_ONLY | SPECIALIST_ONLY | PRIOR_ONLY | RUN_DATA | NOT_ANCHOR,
                "prior": UNIALIGN_ONLY | SPECIALIST_ONLY | RUN_DATA,
                "specialist": UNIALIGN_ONLY | PRIOR_ONLY,
@@ -159,6 +159,9 @@ def make_parser(preset, description=None):
                    help="a dataset is drawn with probability ~ size^alpha (default: %(default)s)")
     g.add_argument("--on-bad", default="raise", choices=["raise", "skip"],
                    help="a manifest sample that cannot be read: stop, or skip it, counted and logged (default: raise)")
+    g.add_argument("--depth-format", default="mm", choices=["mm", "sunrgbd"],
+                   help="16-bit depth PNGs in millimetres (NYU Depth v2), or SUN RGB-D's bit-rotated millimetres "
+                        "(readers.read_depth_metres) (default: mm)")
     g.add_argument("--image-size", type=positive(int),
                    help="images, tactile, depth and video frames (with --clip: CLIP's own); " + by_preset("image_size"))
     g.add_argument("--frames", type=positive(int), default=4, help="video frames per clip (default: %(default)s)")
@@ -220,8 +223,14 @@ def make_parser(preset, description=None):
     g.add_argument("--top-k", type=positive(int), help="k experts per token; k = E is dense soft routing (Eq. 2); " + by_preset("top_k"))
     g.add_argument("--router", default="per-modality", choices=["per-modality", "shared"],
                    help="one router per modality (Eq. 2), or one router shared by all (an ablation) (default: per-modality)")
+    g.add_argument("--router-scope", default="linear", choices=["linear", "block"],
+                   help="a router per modality in every adapted linear (reading its input), or one per modality "
+                        "per block shared by its linears (reading the block's ln_1 input; lora_moe.py) (default: linear)")
     g.add_argument("--adapt", nargs="+", default=list(TARGETS), choices=TARGETS, metavar="LINEAR",
                    help=f"which frozen linears of each block get experts, of {' '.join(TARGETS)} (default: all four)")
+    g.add_argument("--token-positions", default="random", choices=["random", "clip"],
+                   help="start of the tactile, depth and video tokenizers' positional embeddings: random, or CLIP's "
+                        "own resampled to their grid (specialists and UniAlign) (default: random)")
     g.add_argument("--lora-alpha", type=positive(float), default=16.0, help="LoRA scale numerator, alpha / r (default: %(default)s)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute the frozen blocks in backward (less memory)")
     g.add_argument("--ckpt-every", type=positive(int), default=100, help="steps between checkpoints (default: %(default)s)")

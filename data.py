@@ -33,12 +33,14 @@ WORLD_CODE = ["world.py", "preprocess.py", "modalities.py", "data.py"]
 
 # The input sizes of a run (train.py's defaults); modalities.py says which modality uses which.
 DEFAULT_SIZES = dict(image_size=32, frames=4, audio_seconds=0.5, points=256, point_channels=3, point_groups=32,
-                     point_neighbours=16, imu_length=128, eeg_channels=16, eeg_length=128, series_kernel=8, seed=0)
+                     point_neighbours=16, imu_length=128, eeg_channels=16, eeg_length=128, series_kernel=8, seed=0,
+                     depth_format="mm")
 
 
 def sizes_of(config):
     """The input sizes of a run configuration (train.py's flags); the point resampling seed is the world's."""
-    return {**{k: config[k] for k in DEFAULT_SIZES if k != "seed"}, "seed": config["world_seed"]}
+    return {**{k: config.get(k, DEFAULT_SIZES[k]) for k in DEFAULT_SIZES if k != "seed"},  # a run saved before a size existed
+            "seed": config["world_seed"]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,27 +28,43 @@ class UniAlign(nn.Module):
     modality m takes its tokenizer -> CLIP's class token + the frozen ViT blocks whose linears are
     LoRA-MoE adapted and routed by m (Eq. 1-2) -> ln_post -> projection. Trainable: the tokenizers,
     the experts and the routers; nothing of CLIP.
+
+    Choices of ours (docs/method.md section 7): `router_scope` "linear" (a router per modality in
+    every adapted linear) or "block" (one per modality and block, reading its ln_1(x); lora_moe.py);
+    `token_positions` "random" or "clip" (the image-like tokenizers start from CLIP's positional
+    embedding; tokenizers.py). `merge(m)` / `unmerge()` fold m's expected expert update in for inference.
     """
 
     def __init__(self, clip, modalities, tokenizer_settings=None, experts=4, rank=8, top_k=2, alpha=16.0,
-                 targets=TARGETS, shared_router=False, grad_checkpointing=False):
+                 targets=TARGETS, shared_router=False, grad_checkpointing=False, router_scope="linear",
+                 token_positions="random"):
         super().__init__()
         unknown = [m for m in modalities if MODALITIES.get(m) is None or MODALITIES[m].tokenizer is None]
         if unknown:
             raise ValueError(f"no tokenizer for {unknown}; extended modalities are "
                              f"{[m for m, s in MODALITIES.items() if s.tokenizer]}")
+        if token_positions not in ("random", "clip"):
+            raise ValueError(f"token_positions must be 'random' or 'clip', got {token_positions!r}")
         self.clip = clip.requires_grad_(False).eval()
         self.modalities = list(modalities)
         settings = tokenizer_settings or {}
-        self.tokenizers = nn.ModuleDict({m: MODALITIES[m].tokenizer(clip.visual.conv1.weight, **settings.get(m, {}))
+        self.tokenizers = nn.ModuleDict({m: self.make_tokenizer(m, settings.get(m, {}), token_positions)
                                          for m in self.modalities})
-        self.adapters = add_lora_moe(clip.visual.transformer.resblocks, self.modalities, targets,
-                                     experts, rank, top_k, alpha)  # a plain list: they are registered inside clip
+        self.adapters = add_lora_moe(clip.visual.transformer.resblocks, self.modalities, targets, experts, rank,
+                                     top_k, alpha, router_scope)  # a plain list: they are registered inside clip
         if shared_router and experts > 1:  # the ablation of Eq. 2's W_g^(m): one router, whatever the modality
             for adapter in self.adapters:
                 for m in self.modalities:
                     adapter.routers[m] = adapter.routers[self.modalities[0]]
         clip.visual.transformer.grad_checkpointing = grad_checkpointing
+
+    def make_tokenizer(self, modality, settings, token_positions):
+        """Modality's tokenizer from CLIP's patch conv; with token_positions "clip", the image-like ones
+        (tactile, depth, video) start from CLIP's positional embedding too (tokenizers.py)."""
+        cls = MODALITIES[modality].tokenizer
+        if token_positions == "clip" and getattr(cls, "takes_clip_positions", False):
+            settings = {**settings, "clip_positions": self.clip.visual.positional_embedding}
+        return cls(self.clip.visual.conv1.weight, **settings)
 
     def train(self, mode=True):
         """The frozen CLIP stays in eval mode; only the trainable parts switch."""
@@ -73,15 +89,42 @@ class UniAlign(nn.Module):
             return F.normalize(self.clip.encode_text(x).float(), dim=-1), []
         with routed(self.adapters, modality):
             z = self.clip.visual.encode_tokens(self.tokenizers[modality](x))
-        return F.normalize(z.float(), dim=-1), [adapter.stats for adapter in self.adapters]
+        # a merged modality runs no router: nothing for Eq. 3
+        return F.normalize(z.float(), dim=-1), [adapter.stats for adapter in self.adapters if adapter.merged != modality]
 
     def forward(self, inputs):
         """{modality: batch} -> ({modality: (B, D) embeddings}, {modality: router statistics})."""
         encoded = {m: self.encode(m, x) for m, x in inputs.items()}
         return {m: z for m, (z, _) in encoded.items()}, {m: stats for m, (_, stats) in encoded.items() if stats}
 
+    def merge(self, modality):
+        """Fold `modality`'s expected expert update into a merged weight of every adapter
+        (`LoRAMoELinear.merge`): its encodings then cost what the frozen ViT costs, no router and
+        no expert running. Exact only for token-independent routing (E = 1, as the specialists);
+        an approximation otherwise (docs/method.md section 7). Needs the routing statistics of
+        training-mode forwards of that modality, which a trained model's checkpoint holds.
+
+        Images and text keep CLIP's frozen path bit for bit, and the other modalities keep their
+        routing; one modality at a time, until `unmerge()`.
+        """
+        if modality not in self.tokenizers:
+            raise KeyError(f"unknown modality {modality!r}; this model encodes {self.modalities}")
+        for adapter in self.adapters:
+            adapter.merge(modality)
+        return self
+
+    def unmerge(self):
+        """Route the merged modality through its experts again."""
+        for adapter in self.adapters:
+            if adapter.merged is not None:
+                adapter.unmerge()
+        return self
+
     def trainable_names(self):
-        return {n for n, p in self.named_parameters() if p.requires_grad} | {n for n, _ in self.named_buffers()}
+        """Trainable parameters and the persistent buffers (gate statistics); not a merged weight."""
+        persistent = self.state_dict().keys()
+        return ({n for n, p in self.named_parameters() if p.requires_grad}
+                | {n for n, _ in self.named_buffers() if n in persistent})
 
     def trainable_state_dict(self):
         """Tokenizers, experts, routers and the routers' running gate statistics: what a checkpoint holds."""

@@ -13,6 +13,20 @@ modality. Per call, `stats` keeps what the load-balancing term needs:
 This file holds `LoRAMoELinear` (one adapted linear), `add_lora_moe` (puts one into each chosen
 linear of every CLIP block) and `routed` (sets the modality of a list of adapters).
 
+Where the routers sit (`router_scope`; the paper does not say):
+- "linear" (the default): one router per modality in every adapted linear, reading that linear's
+  own input. At ViT-B/16 with E = 4 and all four linears adapted that is 12 blocks x 4 experts x
+  (769 + 769 + 769 + 3,073) = 258,240 router parameters per modality (c_proj's router reads 3,072
+  features).
+- "block": one router per modality per block, shared by the block's adapted linears. It reads
+  ln_1(x), the normalised input of the block (the input of in_proj), so every token gets one
+  expert mix per block and expert e of a block is one coherent LoRA of all its linears. The
+  linears see different inputs and c_proj's is 4x wider, so no single router could read each
+  linear's own input; the raw residual stream x (before ln_1) grows in norm with depth in a
+  pre-norm transformer and would carry that into the router's logits, ln_1(x) keeps them on one
+  scale. 12 x 4 x 769 = 36,912 per modality. Each adapter still runs the (shared) router itself
+  and reports the same statistics, so Eq. 3's mean over calls is the mean over blocks.
+
 What differs from loralib and the paper:
 - E = 1 is plain LoRA, in the same class: the gate is identically 1 and there are no routers.
 - All experts are computed for every token in two matmuls (A of all experts stacked as an
@@ -26,7 +40,8 @@ What differs from loralib and the paper:
   in the *expected* update (alpha / r) * sum_e gbar_e B_e A_e, gbar being the mean top-k gate
   that modality m's tokens received in training-mode forwards. This is exact when the routing
   does not depend on the token (E = 1, or a router with zero weights) and an approximation
-  otherwise.
+  otherwise. The merged weight is a tensor of its own, used only for modality m: W is CLIP's
+  frozen weight, which the image path also runs, so merging never moves the anchor space.
 """
 
 from contextlib import contextmanager, nullcontext
@@ -41,10 +56,10 @@ class LoRAMoELinear(nn.Module):
     """A frozen linear (CLIP's own `weight` and `bias` Parameters, not copies) plus E LoRA experts
     routed per modality (Eq. 1-2).
 
-    Set `modality` before a forward; `None` is the frozen linear alone (the image path). After a
-    forward with a modality, `stats = {"f": (E,), "P": (E,)}` holds that call's fraction of
-    token->expert assignments per expert (detached, sums to 1) and mean softmax gate
-    (differentiable) for Eq. 3.
+    Set `modality` before a forward; `None` is the frozen linear alone (the image path), always,
+    merged or not. After a forward with a modality, `stats = {"f": (E,), "P": (E,)}` holds that
+    call's fraction of token->expert assignments per expert (detached, sums to 1) and mean softmax
+    gate (differentiable) for Eq. 3.
     """
 
     def __init__(self, weight, bias, modalities, experts=4, rank=8, top_k=2, alpha=16.0):
@@ -68,8 +83,9 @@ class LoRAMoELinear(nn.Module):
                                                      device=weight.device))
         self.register_buffer("token_count", torch.zeros(len(self.modalities), dtype=torch.float64,
                                                         device=weight.device))
-        self.register_buffer("original_weight", None, persistent=False)  # W while merged
+        self.register_buffer("merged_weight", None, persistent=False)  # W + the expected update, while merged
         self.modality, self.merged, self.stats = None, None, None
+        self.router_input = None  # a BlockInput when the router reads the block's input (router_scope="block")
 
     def __getstate__(self):  # `stats` may hold a graph (P): copies and pickles start without it
         return {**super().__getstate__(), "stats": None}
@@ -80,11 +96,15 @@ class LoRAMoELinear(nn.Module):
                 f"top_k={self.top_k}, scaling={self.scaling}, modalities={self.modalities}")
 
     def forward(self, x):  # (..., in) -> (..., out)
-        if self.merged is not None or self.modality is None:
+        if self.modality is None:
             return F.linear(x, self.weight, self.bias)
+        if self.modality == self.merged:
+            return F.linear(x, self.merged_weight, self.bias)
         if self.modality not in self.modalities:
             raise KeyError(f"unknown modality {self.modality!r}; this adapter routes {self.modalities}")
-        return self.add_expert_update(F.linear(x, self.weight, self.bias), x, self.route(x))
+        # the router reads this linear's input, or under router_scope="block" its block's ln_1(x) (same leading dims)
+        routing_input = x if self.router_input is None else self.router_input.read()
+        return self.add_expert_update(F.linear(x, self.weight, self.bias), x, self.route(routing_input))
 
     def route(self, x):
         """Eq. 2: (..., in) -> gates (..., E), the softmax renormalised over its top-k (zero elsewhere).
@@ -141,23 +161,29 @@ class LoRAMoELinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, modality):
-        """W <- W + (alpha / r) * sum_e gbar_e B_e A_e (the expected update of `modality`); the
-        forward is then the plain linear whatever `modality` is set to, until `unmerge()`."""
+        """merged_weight = W + (alpha / r) * sum_e gbar_e B_e A_e, the expected update of `modality`
+        folded in; W itself is left untouched. Until `unmerge()`, a forward routed for `modality`
+        is the plain linear with merged_weight (no router, no experts); modality None (the image
+        path) still runs the frozen W, and any other modality is routed over W as before.
+
+        Why a weight of its own rather than W updated in place: W is CLIP's frozen tensor, which
+        the image path also runs (the adapters sit inside the CLIP copy whose blocks encode
+        images too), so changing it would move the anchor space every embedding is compared in.
+        The price is one more (out, in) tensor per adapted linear while merged.
+        """
         if self.merged is not None:
             raise RuntimeError(f"already merged for {self.merged!r}; call unmerge() first")
         gbar = repeat(self.mean_gate(modality), "e -> (e r)", r=self.rank)
         update = self.scaling * (self.lora_B.double() * gbar) @ self.lora_A.double()  # (out, in)
-        self.original_weight = self.weight.detach().clone()
-        self.weight.add_(update.to(self.weight.dtype))
+        self.merged_weight = self.weight.detach() + update.to(self.weight.dtype)
         self.merged = modality
 
     @torch.no_grad()
     def unmerge(self):
-        """Restore the frozen weight bit for bit (copied back, not subtracted)."""
+        """Drop the merged weight: `modality` is routed through the experts again (W never changed)."""
         if self.merged is None:
             raise RuntimeError("not merged")
-        self.weight.copy_(self.original_weight)
-        self.original_weight, self.merged = None, None
+        self.merged_weight, self.merged = None, None
 
 
 def frozen_linear(block, target):
@@ -169,26 +195,72 @@ def frozen_linear(block, target):
 
 
 TARGETS = ("in_proj", "out_proj", "c_fc", "c_proj")
+ROUTER_SCOPES = ("linear", "block")
 
 
-def add_lora_moe(blocks, modalities, targets=TARGETS, experts=4, rank=8, top_k=2, alpha=16.0):
+class BlockInput:
+    """A block's ln_1(x), which its routers read under router_scope="block": kept by a forward hook on
+    `ln_1`, dropped by a forward hook on the block once the block has run (no activation outlives
+    it). Grad checkpointing recomputes the block through the same hooks."""
+
+    def __init__(self):
+        self.x = None
+
+    def __getstate__(self):  # copies and pickles never carry an activation
+        return {"x": None}
+
+    def keep(self, module, inputs, output):
+        self.x = output
+
+    def clear(self, module, inputs, output):
+        self.x = None
+
+    def read(self):
+        if self.x is None:
+            raise RuntimeError("router_scope='block': this adapter routes on its block's ln_1(x), and no block "
+                               "forward is running; call the block, not the linear alone")
+        return self.x
+
+
+def share_block_router(block, adapters, modalities, experts):
+    """router_scope="block": one router per modality for `block`, reading its ln_1(x), shared by `adapters`."""
+    weight = adapters[0].weight
+    routers = nn.ModuleDict({m: nn.Linear(block.ln_1.normalized_shape[0], experts, device=weight.device,
+                                          dtype=weight.dtype) for m in modalities})
+    block_input = BlockInput()
+    block.ln_1.register_forward_hook(block_input.keep)
+    block.register_forward_hook(block_input.clear)
+    for adapter in adapters:
+        adapter.routers, adapter.router_input = routers, block_input
+
+
+def add_lora_moe(blocks, modalities, targets=TARGETS, experts=4, rank=8, top_k=2, alpha=16.0, router_scope="linear"):
     """Replace the chosen frozen linears of every block by `LoRAMoELinear`s; returns them all.
 
-    The frozen weights keep their state-dict keys (`...mlp.c_fc.weight`, `...attn.in_proj_weight`);
-    the fused q, k, v weight also appears as `...attn.in_proj.weight`, the same tensor.
+    router_scope: "linear", a router per modality in every adapted linear, or "block", one per
+    modality per block shared by its adapted linears and reading the block's ln_1(x) (see the top
+    of this file). The frozen weights keep their state-dict keys (`...mlp.c_fc.weight`,
+    `...attn.in_proj_weight`); the fused q, k, v weight also appears as `...attn.in_proj.weight`,
+    the same tensor. A block router appears under each of its adapters' keys, the same tensors.
     """
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"unknown LoRA-MoE targets {unknown}; valid targets are {list(TARGETS)}")
+    if router_scope not in ROUTER_SCOPES:
+        raise ValueError(f"unknown router scope {router_scope!r}; valid scopes are {list(ROUTER_SCOPES)}")
     adapters = []
     for block in blocks:
+        in_block = []
         for target in targets:
             parent, weight, bias = frozen_linear(block, target)
             if isinstance(getattr(parent, target), LoRAMoELinear):
                 raise ValueError(f"{target} of this block already holds a LoRAMoELinear")
             adapter = LoRAMoELinear(weight, bias, modalities, experts, rank, top_k, alpha)
             setattr(parent, target, adapter)
-            adapters.append(adapter)
+            in_block.append(adapter)
+        if router_scope == "block" and experts > 1 and in_block:
+            share_block_router(block, in_block, modalities, experts)
+        adapters += in_block
     return adapters
 
 

@@ -8,7 +8,8 @@ modality is one `register(name, Modality(...))`.
 
 `sizes` is the dict of input sizes of a run (data.sizes_of): image_size, frames, audio_seconds,
 points, point_channels, point_groups, point_neighbours, imu_length, eeg_channels, eeg_length,
-series_kernel, and seed (the resampling seed of point clouds).
+series_kernel, depth_format (how a 16-bit depth PNG stores depth: readers.read_depth_metres), and
+seed (the resampling seed of point clouds).
 """
 
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ MODALITIES = {
                                            neighbours=sizes["point_neighbours"]),
         generate=world.gen_point),
     "depth": Modality(
-        read=lambda path, sizes: readers.read_depth_metres(path),
+        read=lambda path, sizes: readers.read_depth_metres(path, sizes.get("depth_format", "mm")),
         preprocess=lambda x, sizes: preprocess.resize_center_crop(preprocess.disparity(x), sizes["image_size"]),
         prompts=("a depth map of a {}.", "a depth image of a {}.", "a depth photo of a {}."),
         tokenizer=tokenizers.DepthTokenizer,

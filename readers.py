@@ -2,8 +2,8 @@
 the standard library only.
 
 Images (anything Pillow decodes), WAV (8/16/24/32-bit PCM and float, mono or stereo, any rate),
-point clouds (.npy, .npz, .txt/.xyz, ascii and binary .ply, .off), depth (8- and 16-bit PNG,
-.npy in metres), video (a folder of frames, an animated GIF/WebP, a .npy array) and time series
+point clouds (.npy, .npz, .txt/.xyz, ascii and binary .ply, .off), depth (16-bit PNG in millimetres
+as NYU Depth v2 stores it, or in SUN RGB-D's bit-rotated layout; 8-bit PNG; .npy in metres), video (a folder of frames, an animated GIF/WebP, a .npy array) and time series
 (.npy, .csv). A reader raises ValueError saying what is wrong with the file; data.ManifestDataset
 adds the manifest, the line and the file to the message.
 """
@@ -278,16 +278,50 @@ def read_point_array(path):
     return require_finite(arr)
 
 
-def read_depth_metres(path):
-    """Depth file -> (H, W) depth in metres. 16-bit PNG: millimetres; 8-bit PNG: raw values (scale is
-    irrelevant after `disparity`'s standardisation); .npy: metres. 0 means missing."""
+DEPTH_FORMATS = ("mm", "sunrgbd")  # how a 16-bit depth PNG stores depth (train.py's --depth-format)
+
+
+def sunrgbd_millimetres(stored):
+    """SUN RGB-D's 16-bit depth PNG values -> millimetres: the 16 bits rotated right by 3,
+    (v >> 3) | (v << 13) modulo 2^16.
+
+    This is how SUN RGB-D's own toolbox reads its depth maps, in readData/read3dPoints.m:
+    `depthInpaint = bitor(bitshift(depthVis,-3), bitshift(depthVis,16-3)); depthInpaint =
+    single(depthInpaint)/1000;` then `depthInpaint(depthInpaint > 8) = 8` (metres). The same
+    rotation, without the clip, is SUN3D's `depthRead.m` (github.com/PrincetonVision/SUN3Dsfm);
+    TUI-NICR's nicr-scene-analysis-datasets (datasets/sunrgbd/prepare_dataset.py) quotes the
+    toolbox's lines and keeps v >> 3 clipped at 8,000 mm. Read as plain millimetres, such a file is
+    8x too deep below 8.192 m, which the per-sample disparity standardisation would hide, and
+    wrapped around beyond it (8x the depth modulo 65.536 m), which it would not. Here: the rotation
+    alone, no clip at 8 m (a depth beyond 8 m is kept as the file gives it).
+    """
+    v = np.asarray(stored).astype(np.uint32)
+    return ((v >> 3) | (v << 13)) & 0xFFFF
+
+
+def read_depth_metres(path, png_format="mm"):
+    """Depth file -> (H, W) depth in metres; 0 means missing.
+
+    16-bit PNG: millimetres (`png_format="mm"`: NYU Depth v2, and most Kinect-style datasets), or
+    SUN RGB-D's bit-rotated millimetres (`"sunrgbd"`, see `sunrgbd_millimetres`); 8-bit PNG: raw
+    values (their scale is irrelevant after `disparity`'s standardisation; refused as "sunrgbd",
+    whose maps are 16-bit); .npy: metres, whatever the format.
+    """
+    if png_format not in DEPTH_FORMATS:
+        raise ValueError(f"unknown depth PNG format {png_format!r}; expected one of {list(DEPTH_FORMATS)}")
     if Path(path).suffix.lower() == ".npy":
         arr = np.squeeze(load_npy(path)).astype(np.float64)
     else:
         with Image.open(path) as img:
             if img.mode not in ("L", "I;16", "I;16B", "I;16L", "I"):
                 raise ValueError(f"expected a single-channel 8- or 16-bit depth image, got mode {img.mode}")
-            arr = np.asarray(img).astype(np.float64) / (1.0 if img.mode == "L" else 1000.0)
+            arr, scale = np.asarray(img), 1.0 if img.mode == "L" else 1000.0
+        if png_format == "sunrgbd":
+            if scale == 1.0 or arr.max(initial=0) > 0xFFFF:
+                raise ValueError(f"a {'8' if scale == 1.0 else '32'}-bit depth image, but --depth-format sunrgbd: "
+                                 "SUN RGB-D's depth maps are 16-bit")
+            arr = sunrgbd_millimetres(arr)
+        arr = arr.astype(np.float64) / scale
     if arr.ndim != 2 or arr.size == 0:
         raise ValueError(f"expected an (H, W) depth map, got shape {arr.shape}")
     return arr

@@ -4,8 +4,13 @@ embedding already added, ready for the frozen ViT (`ViT.encode_tokens`).
 
 Each is built as `cls(patch_conv, **settings)` from CLIP's frozen `visual.conv1.weight`
 (width, 3, p, p), which gives the width, the patch size and, where shapes allow, the
-initialisation. Every tokenizer keeps its own copy: the frozen tensor is never held, modified or
-part of the graph. Which tokenizer a modality uses is decided in modalities.py.
+initialisation. The image-like ones (`takes_clip_positions`: tactile, depth, video) also accept
+`clip_positions`, CLIP's frozen `visual.positional_embedding` (1 + G*G, width), to start their
+positional embedding from CLIP's instead of at random (encoder.UniAlign's `token_positions="clip"`):
+then a tactile copy of an image, a grey image of a disparity map and a still video give exactly
+CLIP's own patch tokens (conv + positions) at initialisation. Every tokenizer keeps its own copy:
+the frozen tensors are never held, modified or part of the graph. Which tokenizer a modality uses
+is decided in modalities.py.
 """
 
 import math
@@ -30,19 +35,37 @@ def interpolate_positions(pos, grid, new_grid):
     return rearrange(pos, "1 d ... -> (...) d")
 
 
+def clip_patch_positions(clip_positions, grid):
+    """CLIP's positional embedding (1 + G*G, width), the class token's first -> its G x G patch part
+    resampled to a 2-D `grid` (`interpolate_positions`): (prod(grid), width), a detached copy."""
+    patch = clip_positions.detach()[1:]
+    side = math.isqrt(len(patch))
+    if side * side != len(patch):
+        raise ValueError(f"expected CLIP's (1 + G*G, width) positional embedding, got {tuple(clip_positions.shape)}")
+    return interpolate_positions(patch, (side, side), grid).clone()
+
+
 class ConvTokenizer(nn.Module):
     """Patches by a strided convolution + a learned positional embedding (std 0.02 at init) over the patch grid.
 
     `conv` maps (B, C, *input size) to (B, width, *grid); `grid` is the output grid of the
     configured input size. Another input size gives another grid, and the positional embedding is
     interpolated to it. The convolutions have no bias, like CLIP's conv1: the positional embedding
-    already adds a learned vector to every token.
+    already adds a learned vector to every token. `positions` (prod(grid), width), if given, is the
+    embedding's start instead of random values (copied).
     """
 
-    def __init__(self, conv, grid):
+    takes_clip_positions = False  # whether `clip_positions` may be given (the image-like tokenizers)
+
+    def __init__(self, conv, grid, positions=None):
         super().__init__()
         self.conv, self.grid = conv, tuple(grid)
-        self.positional_embedding = nn.Parameter(torch.randn(math.prod(grid), conv.out_channels) * 0.02)
+        shape = (math.prod(grid), conv.out_channels)
+        if positions is not None and tuple(positions.shape) != shape:
+            raise ValueError(f"positions of shape {tuple(positions.shape)} for a grid {self.grid} of width "
+                             f"{conv.out_channels}: expected {shape}")
+        self.positional_embedding = nn.Parameter(torch.randn(shape) * 0.02 if positions is None
+                                                 else positions.detach().clone())
 
     def forward(self, x):
         """(B, C, *input size) -> (B, L, width): patches by the conv, flattened in row-major order of the
@@ -63,25 +86,34 @@ class TactileTokenizer(ConvTokenizer):
     """Tactile image (B, 3, H, W) -> (B, (H/p)(W/p), width): Conv2d(3, width, p, stride p).
 
     Initialised as a copy of the image patch conv: a tactile sensor's picture is an RGB image.
+    With `clip_positions`, the positional embedding starts as CLIP's (resampled to this grid), so
+    at initialisation a tactile image is tokenized exactly as CLIP tokenizes it as an image.
     """
 
-    def __init__(self, patch_conv, image_size=224):
+    takes_clip_positions = True
+
+    def __init__(self, patch_conv, image_size=224, clip_positions=None):
         width, _, p, _ = patch_conv.shape
         conv = conv_from(nn.Conv2d(3, width, p, stride=p, bias=False), patch_conv)
-        super().__init__(conv, (image_size // p, image_size // p))
+        grid = (image_size // p, image_size // p)
+        super().__init__(conv, grid, None if clip_positions is None else clip_patch_positions(clip_positions, grid))
 
 
 class DepthTokenizer(ConvTokenizer):
     """Disparity map (B, 1, H, W) -> (B, (H/p)(W/p), width): Conv2d(1, width, p, stride p).
 
     Initialised from the image patch conv summed over RGB, so at initialisation a disparity map is
-    tokenized exactly as the image conv sees it drawn as a grey image (the same value in R, G, B).
+    tokenized exactly as the image conv sees it drawn as a grey image (the same value in R, G, B);
+    with `clip_positions`, positions included (CLIP's, resampled to this grid).
     """
 
-    def __init__(self, patch_conv, image_size=224):
+    takes_clip_positions = True
+
+    def __init__(self, patch_conv, image_size=224, clip_positions=None):
         width, _, p, _ = patch_conv.shape
         conv = conv_from(nn.Conv2d(1, width, p, stride=p, bias=False), patch_conv.sum(1, keepdim=True))
-        super().__init__(conv, (image_size // p, image_size // p))
+        grid = (image_size // p, image_size // p)
+        super().__init__(conv, grid, None if clip_positions is None else clip_patch_positions(clip_positions, grid))
 
 
 class VideoTokenizer(ConvTokenizer):
@@ -89,14 +121,22 @@ class VideoTokenizer(ConvTokenizer):
 
     Initialised by inflating the image conv (its weight / 2 at both time steps), so a static video
     gives the image's patch tokens. An odd last frame is repeated (a single image is a 2-frame
-    tubelet). Positional embedding over (T/2, H/p, W/p).
+    tubelet). Positional embedding over (T/2, H/p, W/p); with `clip_positions` it starts as CLIP's
+    spatial embedding (resampled to H/p x W/p) repeated at every time step, so a still video gives
+    CLIP's image tokens, positions included, once per tubelet.
     """
 
-    def __init__(self, patch_conv, frames=8, image_size=224):
+    takes_clip_positions = True
+
+    def __init__(self, patch_conv, frames=8, image_size=224, clip_positions=None):
         width, _, p, _ = patch_conv.shape
         conv = nn.Conv3d(3, width, (2, p, p), stride=(2, p, p), bias=False)
         conv = conv_from(conv, repeat(patch_conv / 2, "d c p q -> d c t p q", t=2))
-        super().__init__(conv, ((frames + 1) // 2, image_size // p, image_size // p))
+        grid = ((frames + 1) // 2, image_size // p, image_size // p)
+        positions = None
+        if clip_positions is not None:
+            positions = repeat(clip_patch_positions(clip_positions, grid[1:]), "hw d -> (t hw) d", t=grid[0])
+        super().__init__(conv, grid, positions)
 
     def forward(self, video):
         if video.shape[1] % 2:

@@ -253,7 +253,8 @@ def make_model(clip, modalities, train_sets, args, experts, top_k, rank):
     sizes = sizes_of(vars(args))
     settings = {m: MODALITIES[m].settings(train_sets[m][0]["input"].shape, sizes) for m in modalities}
     model_args = dict(modalities=modalities, experts=experts, rank=rank, top_k=top_k, alpha=args.lora_alpha,
-                      tokenizer_settings=settings, targets=tuple(args.adapt), shared_router=args.router == "shared")
+                      tokenizer_settings=settings, targets=tuple(args.adapt), shared_router=args.router == "shared",
+                      router_scope=args.router_scope, token_positions=args.token_positions)
     model = UniAlign(copy.deepcopy(clip), grad_checkpointing=args.grad_checkpointing, **model_args)
     return model.to(args.device), model_args
 

@@ -66,9 +66,9 @@ def lora_expert():
         layer.gate_sum[0] = gate_sum
         layer.token_count[0] = 2.0
         layer.merge("audio")
-    return {"weight": layer.original_weight, "bias": layer.bias, "lora_A": layer.lora_A, "lora_B": layer.lora_B,
+    return {"weight": layer.weight, "bias": layer.bias, "lora_A": layer.lora_A, "lora_B": layer.lora_B,
             "x": x, "gates": gates, "out": out, "gate_sum": gate_sum, "token_count": 2.0,
-            "merged_weight": layer.weight}
+            "merged_weight": layer.merged_weight}
 
 
 def top_k_routing():

@@ -95,10 +95,11 @@ def test_router_statistics_per_modality_feed_the_balance_term():
         assert all(torch.allclose(s["f"].sum(), torch.tensor(1.0)) and s["P"].requires_grad for s in stats)
 
 
-def test_unialign_grad_checkpointing_recomputes_with_the_same_routing():
+@pytest.mark.parametrize("router_scope", ["linear", "block"])
+def test_unialign_grad_checkpointing_recomputes_with_the_same_routing(router_scope):
     grads = []
     for checkpointing in (False, True):
-        model = tiny_unialign(grad_checkpointing=checkpointing)
+        model = tiny_unialign(grad_checkpointing=checkpointing, router_scope=router_scope)
         with torch.no_grad():
             for adapter in model.adapters:
                 adapter.lora_B.normal_()
@@ -106,3 +107,69 @@ def test_unialign_grad_checkpointing_recomputes_with_the_same_routing():
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, msg=name)
+
+
+def test_merging_a_modality_moves_neither_the_image_path_nor_the_other_modalities():
+    """The adapters sit inside the CLIP copy whose blocks also encode images: merging depth's expected
+    update must leave images (the anchor space) and imu bit for bit as they were."""
+    model = tiny_unialign()
+    with torch.no_grad():
+        for adapter in model.adapters:
+            adapter.lora_B.normal_()
+    batch, (images, ids) = unialign_batch(), inputs()
+    with torch.no_grad():
+        model.train().encode("depth", batch["depth"])  # training mode: the gate statistics merge needs
+        model.eval()
+        encode = lambda: {"image": model.encode("image", images)[0], "text": model.encode("text", ids)[0],
+                          **{m: model.encode(m, batch[m])[0] for m in ("imu", "depth")}}
+        before = encode()
+        model.merge("depth")
+        merged = encode()
+        assert model.encode("depth", batch["depth"])[1] == []  # no router ran: nothing for Eq. 3
+        for m in ("image", "text", "imu"):
+            assert torch.equal(merged[m], before[m]), m
+        assert not torch.equal(merged["depth"], before["depth"])  # token-dependent routing: merging approximates
+        state = model.trainable_state_dict()  # a checkpoint of a merged model holds no merged weight
+        assert not any("merged" in k for k in state)
+        model.load_trainable_state_dict(state)
+        model.unmerge()
+        assert torch.equal(model.encode("depth", batch["depth"])[0], before["depth"])
+    with pytest.raises(KeyError, match="eeg"):
+        model.merge("eeg")
+
+
+def test_block_router_scope_counts_one_router_per_modality_and_block_and_round_trips():
+    model = tiny_unialign(router_scope="block")
+    counts = model.count_trainable()
+    assert counts["routers"] == 2 * len(UNIALIGN_INPUTS) * (64 + 1) * 3  # blocks x modalities x (width + 1) x E
+    assert counts["experts"] == tiny_unialign().count_trainable()["experts"]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    fresh = tiny_unialign(router_scope="block")
+    fresh.load_trainable_state_dict(model.trainable_state_dict())  # a block router under each adapter's keys
+    batch = unialign_batch()
+    with torch.no_grad():
+        for m in batch:
+            assert torch.equal(model.encode(m, batch[m])[0], fresh.encode(m, batch[m])[0])
+
+
+def test_with_clip_token_positions_image_like_inputs_start_as_clips_images():
+    """--token-positions clip: at initialisation a tactile copy of an image is encoded bit for bit as
+    the image, a disparity map as its grey image. (A still video gives the image's tokens once per
+    tubelet, test_tokenizers.py; its embedding differs, as the class token is then one key among
+    twice as many.)"""
+    model = UniAlign(tiny_clip(), ["tactile", *SETTINGS], {"tactile": {"image_size": 32}, **SETTINGS},
+                     experts=3, rank=4, top_k=2, token_positions="clip")  # imu and point keep their own start
+    images, _ = inputs()
+    with torch.no_grad():
+        image = model.encode("image", images)[0]
+        assert torch.equal(model.encode("tactile", images)[0], image)
+        grey = images[:, :1]
+        torch.testing.assert_close(model.encode("depth", grey)[0], model.encode("image", grey.expand(-1, 3, -1, -1))[0],
+                                   rtol=1e-4, atol=1e-5)
+    default = tiny_unialign()  # random positions, today's default
+    assert not torch.equal(default.tokenizers["depth"].positional_embedding, model.tokenizers["depth"].positional_embedding)
+    with pytest.raises(ValueError, match="token_positions"):
+        tiny_unialign(token_positions="learned")

@@ -136,7 +136,7 @@ def test_each_modality_has_its_own_router():
 @pytest.mark.parametrize("experts", [1, 4])
 def test_merge_agrees_with_routing_when_routing_is_token_independent(experts):
     """E = 1, or routers with zero weights: the expected update is the update, so merging is exact."""
-    _, vit, adapters = adapted_vit(experts=experts, top_k=min(2, experts))
+    frozen, vit, adapters = adapted_vit(experts=experts, top_k=min(2, experts))
     randomise_B(adapters)
     with torch.no_grad():
         for adapter in adapters:
@@ -148,15 +148,21 @@ def test_merge_agrees_with_routing_when_routing_is_token_independent(experts):
         vit(images())  # training mode: gathers the gate statistics
         vit.eval()
         expected = vit(images())
-        for adapter in adapters:
-            adapter.merge("audio")
-    for modality in [None, *MODALITIES]:  # merged: the plain linear whatever the modality
-        with routed(adapters, modality), torch.no_grad():
+    with routed(adapters, "depth"), torch.no_grad():
+        depth = vit(images())
+    for adapter in adapters:
+        adapter.merge("audio")
+    with torch.no_grad():
+        with routed(adapters, "audio"):
             assert torch.allclose(vit(images()), expected, atol=1e-5)
+        with routed(adapters, "depth"):  # another modality keeps its routing over the frozen W
+            assert torch.equal(vit(images()), depth)
+        with routed(adapters, None):  # the image path keeps the frozen W
+            assert torch.equal(vit(images()), frozen(images()))
     for adapter, original in zip(adapters, originals):
-        assert not torch.equal(adapter.weight, original)
+        assert torch.equal(adapter.weight, original) and not torch.equal(adapter.merged_weight, original)
         adapter.unmerge()
-        assert torch.equal(adapter.weight, original)
+        assert adapter.merged_weight is None and torch.equal(adapter.weight, original)
     assert torch.equal(vit.transformer.resblocks[0].attn.in_proj_weight, originals[0])
 
 
@@ -187,3 +193,47 @@ def test_frozen_state_dict_keys_unchanged():
     assert "transformer.resblocks.0.attn.in_proj_weight" in after
     new = set(after) - set(before)
     assert all(any(s in k for s in ("lora_", "routers", "gate_sum", "token_count", "attn.in_proj.")) for k in new)
+
+
+def recorded_gates(adapters):
+    """Wrap each adapter's route so that its gates are kept in a list per adapter."""
+    gates = {id(adapter): [] for adapter in adapters}
+    for adapter in adapters:
+        route = adapter.route
+        adapter.route = lambda x, route=route, keep=gates[id(adapter)]: keep.append(route(x)) or keep[-1]
+    return gates
+
+
+def test_block_scope_routes_every_linear_of_a_block_on_the_blocks_ln_1_input():
+    _, vit, adapters = adapted_vit(experts=4, top_k=2, router_scope="block")
+    randomise_B(adapters)
+    gates = recorded_gates(adapters)
+    block_inputs = []
+    for block in vit.transformer.resblocks:
+        block.register_forward_pre_hook(lambda module, args: block_inputs.append(args[0]))
+    with routed(adapters, "depth"), torch.no_grad():
+        vit(images())
+    for k, block in enumerate(vit.transformer.resblocks):
+        own = adapters[4 * k:4 * k + 4]  # in_proj, out_proj, c_fc, c_proj of block k
+        assert all(a.routers is own[0].routers for a in own) and own[0].routers is not adapters[4 * k - 4].routers
+        assert own[0].router_input.x is None  # the block's input is not kept after the block has run
+        router = own[0].routers["depth"]
+        with torch.no_grad():
+            probs = router(block.ln_1.forward(block_inputs[k])).softmax(-1)  # forward: not through the hooks
+        top, chosen = probs.topk(2, dim=-1)
+        expected = torch.zeros_like(probs).scatter(-1, chosen, top / top.sum(-1, keepdim=True))
+        for adapter in own:  # c_proj reads 128 features, out_proj the attention's output: same gates
+            torch.testing.assert_close(gates[id(adapter)][0], expected)
+    with pytest.raises(RuntimeError, match="block"):
+        adapters[0].modality = "depth"
+        adapters[0](torch.randn(5, 32))  # the linear alone: no block input to route on
+    with pytest.raises(ValueError, match="router scope"):
+        add_lora_moe(tiny_vit().transformer.resblocks, MODALITIES, router_scope="layer")
+
+
+def test_block_scope_counts_one_router_per_modality_and_block():
+    for scope, per_block in (("linear", 3 * (32 + 1) + (128 + 1)), ("block", 32 + 1)):
+        _, vit, adapters = adapted_vit(experts=4, top_k=2, router_scope=scope)
+        routers = {id(p): p.numel() for n, p in vit.named_parameters() if ".routers." in n}
+        assert sum(routers.values()) == 2 * len(MODALITIES) * per_block * 4, scope  # blocks x modalities x (in + 1) x E
+    assert adapted_vit(experts=1, top_k=1, router_scope="block")[2][0].routers is None  # E = 1: plain LoRA, no router

@@ -161,6 +161,35 @@ def test_depth_png_millimetres_equals_npy_metres(tmp_path):
     assert a.shape == (1, 16, 16) and torch.allclose(a, b, atol=1e-4)
 
 
+def sunrgbd_layout(depth_mm):
+    """Millimetres -> SUN RGB-D's stored 16-bit values: rotated left by 3, the inverse of its toolbox's read."""
+    v = depth_mm.astype(np.uint32)
+    return (((v << 3) | (v >> 13)) & 0xFFFF).astype(np.uint16)
+
+
+def test_sunrgbd_depth_png_is_rotated_back_into_millimetres(tmp_path):
+    depth_mm = np.random.default_rng(1).integers(500, 9500, (20, 28)).astype(np.uint16)  # some beyond 8.192 m
+    depth_mm[0, 0] = 0  # missing stays missing
+    Image.fromarray(sunrgbd_layout(depth_mm)).save(tmp_path / "sun.png")
+    assert Image.open(tmp_path / "sun.png").mode.startswith("I;16")
+    assert np.array_equal(readers.read_depth_metres(tmp_path / "sun.png", "sunrgbd"), depth_mm / 1000.0)
+    as_mm, metres = readers.read_depth_metres(tmp_path / "sun.png"), depth_mm / 1000.0  # read as millimetres
+    near, far = depth_mm < 8192, depth_mm >= 8192
+    assert far.any() and np.allclose(as_mm[near], 8 * metres[near])  # 8x too deep below 8.192 m ...
+    assert np.allclose(as_mm[far], 8 * metres[far] - 65.535)  # ... and wrapped around (mod 65.536 m) beyond
+    np.save(tmp_path / "d.npy", depth_mm / 1000.0)
+    manifest = write_manifest(tmp_path, [{"modality": "depth", "path": p, "label": "room"} for p in ("sun.png", "d.npy")])
+    sun = data.ManifestDataset(manifest, image_size=16, depth_format="sunrgbd")
+    assert torch.allclose(sun[0]["input"], sun[1]["input"], atol=1e-4)  # as the same depth in metres
+    plain = data.ManifestDataset(manifest, image_size=16)
+    assert not torch.allclose(plain[0]["input"], plain[1]["input"], atol=1e-2)  # standardisation does not hide it
+    Image.fromarray(np.full((8, 8), 100, np.uint8)).save(tmp_path / "eight.png")
+    with pytest.raises(ValueError, match="16-bit"):
+        readers.read_depth_metres(tmp_path / "eight.png", "sunrgbd")
+    with pytest.raises(ValueError, match="depth PNG format"):
+        readers.read_depth_metres(tmp_path / "sun.png", "nyu")
+
+
 def test_series_layout_by_channel_count_and_nan_row(tmp_path):
     x = np.random.default_rng(0).normal(size=(300, 6))
     (tmp_path / "t.csv").write_text("ax,ay,az,gx,gy,gz\n" + "\n".join(",".join(f"{v:.9g}" for v in r) for r in x))

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from modalities import MODALITIES, extended
-from tokenizers import (PointCloudTokenizer, TactileTokenizer, VideoTokenizer, farthest_point_sampling,
-                        interpolate_positions, knn)
+from tokenizers import (DepthTokenizer, PointCloudTokenizer, TactileTokenizer, VideoTokenizer,
+                        farthest_point_sampling, interpolate_positions, knn)
 
 TOKENIZERS = {m: MODALITIES[m].tokenizer for m in extended()}
 
@@ -86,6 +86,55 @@ def test_video_of_a_still_image_gives_the_image_patch_tokens(frames):
     image_tokens = rearrange(F.conv2d(image, patch_conv(), stride=PATCH), "b d h w -> b (h w) d")
     tokens = tokenizer(image[:, None].expand(-1, frames, -1, -1, -1))
     torch.testing.assert_close(tokens, image_tokens.repeat(1, math.ceil(frames / 2), 1))
+
+
+def clip_positions():
+    """A CLIP-like positional embedding for a 32-pixel image in patches of 8: class token + 4 x 4 grid."""
+    torch.manual_seed(5)
+    return torch.randn(1 + 16, WIDTH)
+
+
+def clip_image_tokens(image):
+    """CLIP's own patch tokens of an image: its conv, flattened row-major, plus its positional embedding."""
+    return rearrange(F.conv2d(image, patch_conv(), stride=PATCH), "b d h w -> b (h w) d") + clip_positions()[1:]
+
+
+def test_with_clip_positions_a_tactile_copy_of_an_image_gives_exactly_clips_image_tokens():
+    frozen = clip_positions().requires_grad_()
+    tokenizer = TactileTokenizer(patch_conv(), image_size=32, clip_positions=frozen)
+    image = torch.randn(2, 3, 32, 32)
+    assert torch.equal(tokenizer(image), clip_image_tokens(image))
+    tokenizer(image).sum().backward()
+    assert frozen.grad is None and tokenizer.positional_embedding.grad is not None  # a trainable copy
+    with torch.no_grad():
+        tokenizer.positional_embedding.add_(1.0)
+    assert torch.equal(frozen, clip_positions())
+
+
+def test_with_clip_positions_a_grey_disparity_gives_clips_image_tokens():
+    tokenizer = DepthTokenizer(patch_conv(), image_size=32, clip_positions=clip_positions())
+    disparity = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(tokenizer(disparity), clip_image_tokens(disparity.expand(-1, 3, -1, -1)))
+
+
+@pytest.mark.parametrize("frames", [4, 1])
+def test_with_clip_positions_a_still_video_gives_clips_image_tokens_at_every_tubelet(frames):
+    tokenizer = VideoTokenizer(patch_conv(), frames=4, image_size=32, clip_positions=clip_positions())
+    image = torch.randn(2, 3, 32, 32)
+    tokens = tokenizer(image[:, None].expand(-1, frames, -1, -1, -1))  # no positional embedding zeroed
+    torch.testing.assert_close(tokens, clip_image_tokens(image).repeat(1, math.ceil(frames / 2), 1))
+
+
+def test_clip_positions_are_resampled_to_another_grid_and_random_stays_the_default():
+    tokenizer = TactileTokenizer(patch_conv(), image_size=48, clip_positions=clip_positions())  # a 6 x 6 grid
+    expected = interpolate_positions(clip_positions()[1:], (4, 4), (6, 6))
+    assert torch.equal(tokenizer.positional_embedding.detach(), expected)
+    video = VideoTokenizer(patch_conv(), frames=6, image_size=48, clip_positions=clip_positions())
+    assert torch.equal(video.positional_embedding.detach(), expected.repeat(3, 1))  # the same grid at each time
+    default = TactileTokenizer(patch_conv(), image_size=32)
+    assert default.positional_embedding.std() < 0.05  # today's start: random, std 0.02
+    with pytest.raises(ValueError, match="positional embedding"):
+        TactileTokenizer(patch_conv(), image_size=32, clip_positions=torch.randn(16, WIDTH))  # no class position
 
 
 @pytest.mark.parametrize("grid", [(7,), (3, 5), (2, 3, 4)])

@@ -69,12 +69,14 @@ def test_merge_matches_the_stored_weight(stored):
     layer.gate_sum[0] = case["gate_sum"].double()
     layer.token_count[0] = case["token_count"]
     layer.merge("audio")
-    torch.testing.assert_close(layer.weight.detach(), case["merged_weight"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.merged_weight, case["merged_weight"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(layer.weight.detach(), case["weight"])  # W is CLIP's frozen weight: never changed
 
 
 def test_merged_weight_gives_the_update_of_the_mean_gate(stored):
     """Folding in the expected update: the merged linear equals the routed layer run with every
-    token at the mean gate gbar, and unmerge restores W bit for bit."""
+    token at the mean gate gbar; the image path (modality None) keeps the frozen W; unmerge drops
+    the merged weight."""
     case = stored("lora_expert")
     layer = layer_from(case)
     frozen = layer.weight.detach().clone()
@@ -83,9 +85,11 @@ def test_merged_weight_gives_the_update_of_the_mean_gate(stored):
     x = torch.randn(7, 5)
     expected = F.linear(x, layer.weight, layer.bias) + update(layer, x, gbar.expand(7, 3)).detach()
     layer.merge("audio")
-    layer.modality = "audio"  # merged: the plain linear whatever the modality
+    layer.modality = "audio"  # merged: the plain linear with the merged weight
     torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-5, atol=1e-5)
+    layer.modality = None  # the image path: the frozen linear, bit for bit
+    assert torch.equal(layer(x), F.linear(x, frozen, layer.bias))
     with pytest.raises(RuntimeError):
         layer.merge("audio")  # twice would add the update twice
     layer.unmerge()
-    assert torch.equal(layer.weight.detach(), frozen)
+    assert torch.equal(layer.weight.detach(), frozen) and layer.merged is None
