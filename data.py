@@ -39,8 +39,7 @@ DEFAULT_SIZES = dict(image_size=32, frames=4, audio_seconds=0.5, points=256, poi
 
 def sizes_of(config):
     """The input sizes of a run configuration (train.py's flags); the point resampling seed is the world's."""
-    return {**{k: config.get(k, DEFAULT_SIZES[k]) for k in DEFAULT_SIZES if k != "seed"},  # a run saved before a size existed
-            "seed": config["world_seed"]}
+    return {**{k: config[k] for k in DEFAULT_SIZES if k != "seed"}, "seed": config["world_seed"]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,15 +25,13 @@ def test_router_scope_shapes_unialign_only_and_tokens_and_depth_the_specialists_
     for key in ("token_positions", "depth_format"):  # the specialists read and tokenize depth too; the anchor does not
         assert key in specialist and key in unialign and key not in anchor
     assert sizes_of(vars(args))["depth_format"] == "sunrgbd"  # what the depth reader gets (modalities.py)
-    assert sizes_of({"world_seed": 0, **{k: v for k, v in vars(args).items() if k != "depth_format"}})["depth_format"] \
-        == "mm"  # a run saved before the flag existed reads millimetres, as it did
 
 
 def test_make_model_builds_what_the_flags_say():
     args = config.get_args(FLAGS)
     clip = tiny_clip()
     sets = {"depth": [{"input": torch.zeros(1, 32, 32)}], "imu": [{"input": torch.zeros(6, 40)}]}
-    model, model_args = train.make_model(clip, ["depth", "imu"], sets, args, experts=2, top_k=1)
+    model, model_args = train.make_model(clip, ["depth", "imu"], sets, args, experts=2, top_k=1, rank=4)
     assert model_args["router_scope"] == "block" and model_args["token_positions"] == "clip"  # saved in checkpoints
     assert all(a.router_input is not None for a in model.adapters)
     assert torch.equal(model.tokenizers["depth"].positional_embedding, clip.visual.positional_embedding[1:])
