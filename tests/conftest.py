@@ -1,8 +1,8 @@
 """Shared fixtures: one smoke run of the whole recipe (anchor, specialists, UniAlign, evaluation), made
-once per test session and reused by every test that needs a finished run."""
+once per test session and reused by every test that needs a finished run; and one uninterrupted
+12-step UniAlign on its stages, the state every interrupted and resumed run must end in."""
 
 import pytest
-
 
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
@@ -10,4 +10,15 @@ def smoke(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smoke")
     train.main(["--preset", "smoke", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(smoke, tmp_path_factory):
+    """OUT of `train.py FLAGS` (test_train.py) run to the end on the smoke run's anchor and specialists."""
+    import train
+    from test_train import FLAGS, with_finished_stages
+
+    out = with_finished_stages(smoke, tmp_path_factory.mktemp("uninterrupted") / "run")
+    train.main([*FLAGS, "--out", str(out)])
     return out

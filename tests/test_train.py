@@ -19,6 +19,7 @@ from modalities import extended
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["anchor.pt", "bpe.txt.gz"] + [f"specialist_{m}.pt" for m in extended()]
+FLAGS = ["--preset", "smoke", "--steps", "12", "--no-eval"]  # runs interrupted in tests, and the one that is not
 
 
 def run(*args, **kw):
@@ -75,11 +76,8 @@ def test_unialign_does_not_depend_on_how_earlier_stages_were_obtained(smoke, tmp
     assert before == after
 
 
-def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, tmp_path):
-    flags = ["--preset", "smoke", "--steps", "12", "--ckpt-every", "2", "--no-eval"]
-    whole = with_finished_stages(smoke, tmp_path / "whole")
-    train.main([*flags, "--out", str(whole)])
-
+def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, uninterrupted, tmp_path):
+    flags = [*FLAGS, "--ckpt-every", "2"]
     killed = with_finished_stages(smoke, tmp_path / "killed")
     proc = run("train.py", *flags, "--out", str(killed))
     deadline = time.time() + 120
@@ -93,7 +91,7 @@ def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, tmp_pat
         train.main([*flags, "--out", str(killed)])
     train.main([*flags, "--out", str(killed), "--resume"])
 
-    a, b = trainable_state(whole), trainable_state(killed)
+    a, b = trainable_state(uninterrupted), trainable_state(killed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
