@@ -66,7 +66,9 @@ def lock_run_folder(out):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        raise CheckpointError(f"{out} is in use by another run (pid {handle.read().strip() or '?'}); "
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise CheckpointError(f"{out} is in use by another run (pid {owner}); "
                               f"wait for it or choose another --out") from None
     handle.seek(0)
     previous = handle.read().strip()

@@ -280,14 +280,16 @@ def main(argv=None):
     if args.precision == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("--precision bf16 is not supported on this GPU: use --precision fp16")
     os.makedirs(args.out, exist_ok=True)
-    lock = lock_run_folder(args.out) if rank_and_world()[0] == 0 else None
-    if lock and (stale := remove_temp_files(args.out)):
-        log(f"removed {len(stale)} temporary files a killed save left in {args.out}: {', '.join(stale)}")
+    lock = None
     try:
+        if rank_and_world()[0] == 0:
+            lock = lock_run_folder(args.out)  # a folder in use is refused in one line, by the handler below
+            if stale := remove_temp_files(args.out):
+                log(f"removed {len(stale)} temporary files a killed save left in {args.out}: {', '.join(stale)}")
         run(args)
         if dist.is_initialized():
             dist.barrier()  # every rank is done before any closes its connections
-    except (SampleError, CheckpointError) as error:  # a user's bad file, manifest or checkpoint: one line
+    except (SampleError, CheckpointError) as error:  # a user's bad file, manifest, checkpoint or folder: one line
         raise SystemExit(f"error: {error}") from None
     finally:
         if lock:
