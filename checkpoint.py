@@ -3,7 +3,8 @@
 A checkpoint is the SHA-256 of its payload on the first line, then the payload (`torch.save`).
 `save_checkpoint` writes a temporary file, flushes and fsyncs it, renames it over the old one and
 fsyncs the folder, so a kill at any moment leaves either the old file or the new one.
-`load_checkpoint` refuses a truncated, empty or altered file in one line that names it.
+`load_checkpoint` refuses a truncated, empty or altered file, and a file this project did not
+write, in one line that names it; it never runs code from a file (`weights_only`).
 `lock_run_folder` keeps a second run out of a folder in use.
 """
 
@@ -11,6 +12,8 @@ import fcntl
 import hashlib
 import io
 import os
+import pickle
+import zipfile
 
 import torch
 
@@ -38,16 +41,50 @@ def save_checkpoint(state, path):
         os.close(folder)
 
 
-def load_checkpoint(path):
-    """The state `save_checkpoint` wrote to `path`."""
+def load_checkpoint(path, keys=(), expected="a checkpoint of train.py"):
+    """The state `save_checkpoint` wrote to `path`; `keys` are entries it must hold, `expected` says
+    in a refusal what `path` should have been."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint")
     with open(path, "rb") as f:
-        digest, _, payload = f.read().partition(b"\n")
+        blob = f.read()
+    digest, _, payload = blob.partition(b"\n")
+    if not ours(digest, payload):
+        raise CheckpointError(f"{path} is {foreign_kind(blob)}, not {expected} (a file this project wrote: a "
+                              f"SHA-256 line, then a torch.save payload)")
     if len(digest) != 64 or hashlib.sha256(payload).hexdigest().encode() != digest:
         raise CheckpointError(f"{path}: checkpoint is damaged (empty, truncated or altered: its checksum does "
                               f"not match); delete it to redo that stage")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only: objects other than tensors and plain data are refused, not built
+        raise CheckpointError(f"{path} holds Python objects that only running code could rebuild, not "
+                              f"{expected}; it was not loaded") from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} holds no {', '.join(missing)}: it is not {expected}")
+    return state
+
+
+def ours(first_line, rest):
+    """Whether a file starts as this project's checkpoints do: a line of 64 characters (the digest), or
+    a file cut off inside that line."""
+    return len(first_line) == 64 or (not rest and all(c in b"0123456789abcdef" for c in first_line))
+
+
+def foreign_kind(blob):
+    """What a file that is not one of this project's checkpoints looks like, in a few words."""
+    if blob.startswith(b"PK\x03\x04"):
+        try:
+            names = zipfile.ZipFile(io.BytesIO(blob)).namelist()
+        except zipfile.BadZipFile:
+            names = []
+        if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+            return "a TorchScript archive (as OpenAI distributes CLIP: pass it to train.py --clip)"
+        return "a plain torch.save file"
+    if blob.startswith(b"\x80"):
+        return "a plain pickle"
+    return "not a checkpoint"
 
 
 def remove_temp_files(folder):

@@ -22,6 +22,8 @@ from checkpoint import load_checkpoint, save_checkpoint
 from config import stage_settings
 from data import MixedBatchSampler, MixedDataset, collate
 
+RESUMABLE = ("model", "optimizer", "scaler", "sampler", "rng", "step")  # what a stage's checkpoint holds
+
 def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -65,7 +67,7 @@ def train_loop(stage, model, loss_fn, datasets, steps, batch_size, lr, args, ckp
                                 args.alpha_sampling, seed=stage_seed(args.seed, stage), rank=rank, world_size=world_size)
     step = 0
     if ckpt_path and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, RESUMABLE, f"a checkpoint of the {stage} stage of train.py")
         net.load_trainable_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

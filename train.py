@@ -57,7 +57,7 @@ def reusable(path, args, stage, steps):
     Refuses one made with other settings, and an unfinished one without --resume."""
     if not os.path.exists(path):
         return None
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, ("step", "settings"), f"the {stage} stage of a train.py run")
     check_settings(ckpt["settings"], args, stage.split(":")[0], path)
     if ckpt["step"] >= steps:
         return ckpt
