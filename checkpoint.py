@@ -87,9 +87,14 @@ def foreign_kind(blob):
     return "not a checkpoint"
 
 
+def temp_files(folder):
+    """The temporary files killed saves left in `folder`."""
+    return sorted(name for name in os.listdir(folder) if TEMP in name and name.split(TEMP)[-1].isdigit())
+
+
 def remove_temp_files(folder):
     """Delete the temporary files a killed save left in `folder`; returns their names."""
-    stale = [name for name in os.listdir(folder) if TEMP in name and name.split(TEMP)[-1].isdigit()]
+    stale = temp_files(folder)
     for name in stale:
         os.remove(os.path.join(folder, name))
     return stale
@@ -97,7 +102,8 @@ def remove_temp_files(folder):
 
 def lock_run_folder(out):
     """One run per folder: an exclusive lock on OUT/.lock, held until this process exits (a dead
-    process's lock is released by the kernel; the pid inside says who holds a live one)."""
+    process's lock is released by the kernel; the pid inside says who holds a live one). The handle's
+    `previous_pid` is the pid a killed run left in it, else None."""
     handle = open(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,6 +115,7 @@ def lock_run_folder(out):
                               f"wait for it or choose another --out") from None
     handle.seek(0)
     previous = handle.read().strip()
+    handle.previous_pid = previous or None
     if previous and previous != str(os.getpid()):
         print(f"{out}: taking over the lock of pid {previous}, which is no longer running")
     handle.truncate(0)

@@ -75,6 +75,8 @@ def train_loop(stage, model, loss_fn, datasets, steps, batch_size, lr, args, ckp
         torch.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
         log(f"resumed {stage} at step {step} of {steps} from {ckpt_path}")
+    elif ckpt_path and getattr(args, "resume", False):
+        log(f"{stage}: no checkpoint in {ckpt_path} to resume, starting from step 0")
     loader = torch.utils.data.DataLoader(MixedDataset(datasets), batch_sampler=sampler, collate_fn=collate,
                                          num_workers=args.workers, pin_memory=args.device == "cuda")
 

@@ -29,7 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval as evaluation
 from bpe import BPETokenizer
-from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint, unlock_run_folder
+from checkpoint import (CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint,
+                        temp_files, unlock_run_folder)
 from config import check_settings, get_args, stage_settings
 from clip import CLIP, load_openai_clip
 from data import SampleError, build_datasets, sizes_of
@@ -41,15 +42,29 @@ from modalities import MODALITIES, extended
 # ----------------------------------------------------------------------------- the run folder
 
 def check_run_folder(args):
-    """Before any work: refuse --resume without a checkpoint, and every stage file in OUT made with
-    other settings, or unfinished without --resume."""
-    if args.resume and not os.path.exists(os.path.join(args.out, "ckpt.pt")):
-        raise SystemExit(f"--resume: {os.path.join(args.out, 'ckpt.pt')} does not exist, there is nothing to resume")
+    """Before any work: refuse every stage file in OUT made with other settings, or unfinished without
+    --resume."""
     stages = [("anchor.pt", "anchor", args.anchor_steps), ("ckpt.pt", "unialign", args.steps)]
     stages += [(name, f"specialist:{name[11:-3]}", args.specialist_steps) for name in sorted(os.listdir(args.out))
                if name.startswith("specialist_") and name.endswith(".pt")]
     for name, stage, steps in stages:
         reusable(os.path.join(args.out, name), args, stage, steps)
+
+
+def check_resume(args, lock):
+    """--resume needs OUT/ckpt.pt, or the traces of a run killed before its first checkpoint was whole
+    (its pid in the lock, a temporary file, its log): then its stages start from step 0. A folder
+    with no trace of a run is refused, so a mistyped --out never silently starts afresh."""
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt):
+        return
+    traces = [f"pid {lock.previous_pid} in its lock"] if lock.previous_pid else []
+    traces += [f"temporary file {name}" for name in temp_files(args.out)]
+    traces += ["log.jsonl"] if os.path.exists(os.path.join(args.out, "log.jsonl")) else []
+    if not traces:
+        raise SystemExit(f"--resume: {ckpt} does not exist, there is nothing to resume")
+    log(f"--resume: {ckpt} does not exist, but {args.out} holds a run killed before its first checkpoint was "
+        f"whole ({', '.join(traces)}): its stages without a checkpoint start from step 0")
 
 
 def reusable(path, args, stage, steps):
@@ -279,11 +294,15 @@ def main(argv=None):
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     if args.precision == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("--precision bf16 is not supported on this GPU: use --precision fp16")
-    os.makedirs(args.out, exist_ok=True)
     lock = None
     try:
+        if args.resume and not os.path.isdir(args.out):
+            raise SystemExit(f"--resume: {args.out} does not exist, there is nothing to resume")
+        os.makedirs(args.out, exist_ok=True)
         if rank_and_world()[0] == 0:
             lock = lock_run_folder(args.out)  # a folder in use is refused in one line, by the handler below
+            if args.resume:
+                check_resume(args, lock)
             if stale := remove_temp_files(args.out):
                 log(f"removed {len(stale)} temporary files a killed save left in {args.out}: {', '.join(stale)}")
         run(args)

@@ -108,6 +108,11 @@ def test_a_changed_setting_on_resume_is_refused_by_name_before_any_work(smoke, t
         train.main(["--preset", "smoke", "--out", str(out), "--resume", flag, value])
 
 
-def test_resume_without_a_checkpoint_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="--resume: .*ckpt.pt does not exist, there is nothing to resume"):
-        train.main(["--preset", "smoke", "--out", str(tmp_path), "--resume"])
+def test_resume_without_a_checkpoint_or_a_trace_of_a_run_is_refused(smoke, tmp_path):
+    stages = with_finished_stages(smoke, tmp_path / "stages")  # stage files, but no run was here
+    for out in (tmp_path, stages, stages):  # the second time: a refused run leaves no trace either
+        with pytest.raises(SystemExit, match="--resume: .*ckpt.pt does not exist, there is nothing to resume"):
+            train.main(["--preset", "smoke", "--out", str(out), "--resume"])
+    with pytest.raises(SystemExit, match=f"--resume: {tmp_path / 'typo'} does not exist, there is nothing to resume"):
+        train.main(["--preset", "smoke", "--out", str(tmp_path / "typo"), "--resume"])
+    assert not (tmp_path / "typo").exists()

@@ -7,7 +7,9 @@ import hashlib
 import io
 import os
 import pickle
+import signal
 import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +17,23 @@ import torch
 import eval as evaluation
 import train
 from checkpoint import load_checkpoint, lock_run_folder
-from test_train import FLAGS, with_finished_stages
+from test_train import FLAGS, run, trainable_state, with_finished_stages
+
+
+def started(out, proc, stage="unialign", timeout=120):
+    """Wait until the run writing to `out` has logged a step of `stage`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "log.jsonl").exists() and f'"stage": "{stage}"' in (out / "log.jsonl").read_text():
+            return
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no {stage} step logged: {proc.communicate()[0][-2000:]}")
+
+
+def same_as_uninterrupted(out, uninterrupted):
+    a, b = trainable_state(uninterrupted), trainable_state(out)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- a second run
@@ -29,6 +47,35 @@ def test_a_second_run_on_a_folder_in_use_is_refused_in_one_line(tmp_path, monkey
                                   f"wait for it or choose another --out")
     assert (tmp_path / ".lock").read_text() == str(os.getpid())  # the refused run left the owner's lock alone
     held.close()
+
+
+# ----------------------------------------------------------------------------- killed before its first checkpoint
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(smoke, uninterrupted, tmp_path, capsys):
+    out = with_finished_stages(smoke, tmp_path / "run")
+    proc = run("train.py", *FLAGS, "--log-every", "1", "--out", str(out))  # its first checkpoint is at step 12
+    started(out, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "ckpt.pt").exists(), "the run saved a checkpoint before it could be killed"
+    train.main([*FLAGS, "--out", str(out), "--resume"])
+    printed = capsys.readouterr().out
+    assert f"holds a run killed before its first checkpoint was whole (pid {proc.pid} in its lock, log.jsonl)" in printed
+    assert f"unialign: no checkpoint in {out / 'ckpt.pt'} to resume, starting from step 0" in printed
+    assert same_as_uninterrupted(out, uninterrupted)
+
+
+@pytest.mark.parametrize("trace", ["pid", "temporary file", "log"])
+def test_each_trace_of_a_killed_run_lets_resume_start_from_step_0(tmp_path, monkeypatch, capsys, trace):
+    {"pid": lambda: (tmp_path / ".lock").write_text("4242"),
+     "temporary file": lambda: (tmp_path / "ckpt.pt.tmp4242").write_bytes(b"half a checkpoint"),
+     "log": lambda: (tmp_path / "log.jsonl").write_text('{"stage": "anchor", "step": 10}\n')}[trace]()
+    monkeypatch.setattr(train, "run", lambda args: print("the run starts"))
+    train.main(["--preset", "smoke", "--out", str(tmp_path), "--resume"])
+    printed = capsys.readouterr().out
+    words = {"pid": "pid 4242 in its lock", "temporary file": "temporary file ckpt.pt.tmp4242", "log": "log.jsonl"}
+    assert f"but {tmp_path} holds a run killed before its first checkpoint was whole ({words[trace]})" in printed
+    assert printed.rstrip().endswith("the run starts")
 
 
 # ----------------------------------------------------------------------------- files this project did not write
