@@ -2,17 +2,21 @@
 
 A checkpoint is the SHA-256 of its payload on the first line, then the payload (`torch.save`).
 `save_checkpoint` writes a temporary file, flushes and fsyncs it, renames it over the old one and
-fsyncs the folder, so a kill at any moment leaves either the old file or the new one.
+fsyncs the folder, so a kill at any moment leaves either the old file or the new one; SIGINT and
+SIGTERM wait until the save is done.
 `load_checkpoint` refuses a truncated, empty or altered file, and a file this project did not
 write, in one line that names it; it never runs code from a file (`weights_only`).
 `lock_run_folder` keeps a second run out of a folder in use.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import io
 import os
 import pickle
+import signal
+import threading
 import zipfile
 
 import torch
@@ -24,21 +28,43 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file."""
 
 
+@contextlib.contextmanager
+def signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)):
+    """SIGINT and SIGTERM arriving inside are delivered when it ends, to the handlers in place before:
+    a second Ctrl-C never cuts a save in half. (Python runs handlers in the main thread only.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {}
+    for signum in signums:
+        if signal.getsignal(signum) is not None:  # None: a handler not set from Python, left alone
+            previous[signum] = signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
+
+
 def save_checkpoint(state, path):
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     tmp = f"{path}{TEMP}{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    with signals_deferred():
+        with open(tmp, "wb") as f:
+            f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def load_checkpoint(path, keys=(), expected="a checkpoint of train.py"):
@@ -124,7 +150,9 @@ def lock_run_folder(out):
     return handle
 
 
-def unlock_run_folder(handle):
-    """A clean exit empties the lock file: only a killed run leaves its pid behind."""
-    handle.truncate(0)
+def unlock_run_folder(handle, keep_pid=False):
+    """A finished run empties the lock file: only a killed or interrupted run (keep_pid) leaves its pid
+    behind, which --resume takes as the trace of a run to continue."""
+    if not keep_pid:
+        handle.truncate(0)
     handle.close()

@@ -20,6 +20,9 @@ seeded from (--seed, its name), so its result does not depend on how earlier sta
 """
 import copy
 import os
+import shlex
+import signal
+import sys
 import time
 
 import torch
@@ -35,7 +38,7 @@ from config import check_settings, get_args, stage_settings
 from clip import CLIP, load_openai_clip
 from data import SampleError, build_datasets, sizes_of
 from encoder import UniAlign, embed, encode_texts, load_anchor
-from loop import log, rank_and_world, stage_seed, train_loop
+from loop import Interrupted, log, rank_and_world, stage_seed, stop_on_signals, train_loop
 from losses import gather_with_grad, soft_binding_loss, soft_targets, unialign_loss
 from modalities import MODALITIES, extended
 
@@ -65,6 +68,25 @@ def check_resume(args, lock):
         raise SystemExit(f"--resume: {ckpt} does not exist, there is nothing to resume")
     log(f"--resume: {ckpt} does not exist, but {args.out} holds a run killed before its first checkpoint was "
         f"whole ({', '.join(traces)}): its stages without a checkpoint start from step 0")
+
+
+def resume_command(argv):
+    """The command that resumes this run: the one that started it, with --resume."""
+    if argv is None:  # from the command line: its exact words
+        argv, command = sys.argv[1:], sys.orig_argv[:len(sys.orig_argv) - len(sys.argv) + 1]
+    else:
+        command = ["python", "train.py"]
+    if rank_and_world()[1] > 1:  # under torchrun: its launcher's command line, when it can be read
+        try:
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                launcher = [word.decode() for word in f.read().split(b"\0") if word]
+        except OSError:
+            launcher = []
+        if any(word.endswith("train.py") for word in launcher):
+            command, argv = launcher, []
+        else:
+            command = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "train.py"]
+    return shlex.join(command + argv + ([] if "--resume" in argv + command else ["--resume"]))
 
 
 def reusable(path, args, stage, steps):
@@ -294,27 +316,36 @@ def main(argv=None):
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     if args.precision == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("--precision bf16 is not supported on this GPU: use --precision fp16")
-    lock = None
-    try:
-        if args.resume and not os.path.isdir(args.out):
-            raise SystemExit(f"--resume: {args.out} does not exist, there is nothing to resume")
-        os.makedirs(args.out, exist_ok=True)
-        if rank_and_world()[0] == 0:
-            lock = lock_run_folder(args.out)  # a folder in use is refused in one line, by the handler below
-            if args.resume:
-                check_resume(args, lock)
-            if stale := remove_temp_files(args.out):
-                log(f"removed {len(stale)} temporary files a killed save left in {args.out}: {', '.join(stale)}")
-        run(args)
-        if dist.is_initialized():
-            dist.barrier()  # every rank is done before any closes its connections
-    except (SampleError, CheckpointError) as error:  # a user's bad file, manifest, checkpoint or folder: one line
-        raise SystemExit(f"error: {error}") from None
-    finally:
-        if lock:
-            unlock_run_folder(lock)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    lock, interrupted = None, False
+    with stop_on_signals():  # Ctrl-C and SIGTERM: the step finishes, a checkpoint saves it, exit 130 or 143
+        try:
+            if args.resume and not os.path.isdir(args.out):
+                raise SystemExit(f"--resume: {args.out} does not exist, there is nothing to resume")
+            os.makedirs(args.out, exist_ok=True)
+            if rank_and_world()[0] == 0:
+                lock = lock_run_folder(args.out)  # a folder in use is refused in one line, by the handler below
+                if args.resume:
+                    check_resume(args, lock)
+                if stale := remove_temp_files(args.out):
+                    log(f"removed {len(stale)} temporary files a killed save left in {args.out}: {', '.join(stale)}")
+            run(args)
+            if dist.is_initialized():
+                dist.barrier()  # every rank is done before any closes its connections
+        except (SampleError, CheckpointError) as error:  # a user's bad file, manifest, checkpoint or folder: one line
+            raise SystemExit(f"error: {error}") from None
+        except Interrupted as stop:
+            interrupted = True
+            if rank_and_world()[0] == 0:
+                print(f"{stop.describe()}. Resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
+            if argv is None:  # the process exits now: a further signal (torchrun forwards one) must not change its code
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_IGN)
+            raise SystemExit(stop.code) from None
+        finally:
+            if lock:
+                unlock_run_folder(lock, keep_pid=interrupted)
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def run(args):

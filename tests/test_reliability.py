@@ -5,8 +5,11 @@ every wait polls for a file and is bounded."""
 
 import hashlib
 import io
+import json
 import os
 import pickle
+import shlex
+import shutil
 import signal
 import sys
 import time
@@ -16,7 +19,7 @@ import torch
 
 import eval as evaluation
 import train
-from checkpoint import load_checkpoint, lock_run_folder
+from checkpoint import load_checkpoint, lock_run_folder, save_checkpoint, temp_files
 from test_train import FLAGS, run, trainable_state, with_finished_stages
 
 
@@ -76,6 +79,63 @@ def test_each_trace_of_a_killed_run_lets_resume_start_from_step_0(tmp_path, monk
     words = {"pid": "pid 4242 in its lock", "temporary file": "temporary file ckpt.pt.tmp4242", "log": "log.jsonl"}
     assert f"but {tmp_path} holds a run killed before its first checkpoint was whole ({words[trace]})" in printed
     assert printed.rstrip().endswith("the run starts")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+
+@pytest.fixture(scope="module")
+def ctrl_c(smoke, tmp_path_factory):
+    """A run stopped by Ctrl-C, pressed again and again until it has exited (some presses land in its
+    one save): (OUT, the finished process, its output). Its only checkpoint would otherwise be at step 12."""
+    out = with_finished_stages(smoke, tmp_path_factory.mktemp("ctrl_c") / "run")
+    proc = run("train.py", *FLAGS, "--log-every", "1", "--out", str(out))
+    started(out, proc)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.kill()
+    return out, proc, proc.communicate()[0]
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_prints_the_command_that_resumes_it(ctrl_c, uninterrupted, tmp_path):
+    out, proc, output = ctrl_c
+    assert proc.returncode == 130, output[-3000:]
+    step = load_checkpoint(out / "ckpt.pt")["step"]
+    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert 0 < step < 12 and logged[-1] == step  # the step it was in was finished, then saved
+    assert not temp_files(out) and (out / ".lock").read_text() == str(proc.pid)  # a trace for --resume
+    message, command = output.splitlines()[-1].split(". Resume with: ")
+    assert message == f"unialign: stopped by SIGINT after step {step} of 12, saved in {out / 'ckpt.pt'}"
+    words = shlex.split(command)
+    assert words == [sys.executable, "train.py", *FLAGS, "--log-every", "1", "--out", str(out), "--resume"]
+
+    copy = shutil.copytree(out, tmp_path / "run")  # the fixture's folder stays as the interruption left it
+    train.main([str(copy) if w == str(out) else w for w in words[2:]])
+    assert same_as_uninterrupted(copy, uninterrupted)
+
+
+def test_a_signal_during_a_save_waits_for_the_save_to_end(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"step": 1}, path)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (signal.raise_signal(signal.SIGINT), fsync(fd)))  # Ctrl-C mid-save
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        with pytest.raises(Stopped):
+            save_checkpoint({"step": 2}, path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 2 and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 # ----------------------------------------------------------------------------- files this project did not write

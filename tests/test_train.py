@@ -97,15 +97,44 @@ def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, uninter
         assert torch.equal(a[k], b[k]), k
 
 
-def test_two_process_gloo_ddp_run(smoke, tmp_path):
+def worker_of_rank(launcher, rank):
+    """The pid of the worker torchrun started for `rank` (read from /proc)."""
+    children = [int(pid) for task in Path(f"/proc/{launcher}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    return next(pid for pid in children if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+
+
+def test_two_process_gloo_ddp_run_stops_every_rank_at_one_step_on_sigterm_to_one_and_resumes(smoke, tmp_path):
+    """SIGTERM to rank 1 alone: the ranks agree on it (all_reduce), both finish the same step, rank 0
+    saves it, and the launch resumes to the end with --resume."""
     out = with_finished_stages(smoke, tmp_path / "ddp")
-    proc = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-               "--preset", "smoke", "--steps", "4", "--device", "cpu", "--no-eval", "--out", str(out),
-               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--preset", "smoke",
+              "--steps", "6", "--device", "cpu", "--no-eval", "--log-every", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc, workers = run(*launch, env=env), []
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and '"unialign"' not in (
+                (out / "log.jsonl").read_text() if (out / "log.jsonl").exists() else ""):
+            time.sleep(0.02)
+        workers = [worker_of_rank(proc.pid, rank) for rank in (0, 1)]
+        os.kill(workers[1], signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # the test failed: end the launch (torchrun gives each worker its own session)
+            for pid in [proc.pid, *workers]:
+                os.kill(pid, signal.SIGKILL)
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    step = ckpt["step"]
+    assert step < 6 and ckpt["sampler"]["world_size"] == 2, log[-3000:]
+    assert f"unialign: stopped by SIGTERM after step {step} of 6, saved in {out / 'ckpt.pt'}. Resume with: " in log
+    assert log.count("exitcode  : 143") == 2, log[-3000:]  # both ranks stopped as SIGTERM asks, neither crashed
+    proc = run(*launch, "--resume", env=env)
     log, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, log[-3000:]
+    assert f"resumed unialign at step {step} of 6" in log
     ckpt = load_checkpoint(out / "ckpt.pt")
-    assert ckpt["step"] == 4 and ckpt["sampler"]["world_size"] == 2
+    assert ckpt["step"] == 6 and ckpt["sampler"]["world_size"] == 2
 
 
 def test_eval_cli_on_a_finished_run(smoke):
