@@ -3,7 +3,8 @@
 A checkpoint is the SHA-256 of its payload on the first line, then the payload (`torch.save`).
 `save_checkpoint` writes a temporary file, flushes and fsyncs it, renames it over the old one and
 fsyncs the folder, so a kill at any moment leaves either the old file or the new one; SIGINT and
-SIGTERM wait until the save is done.
+SIGTERM wait until the save is done, and a save that fails (a full disk, a file size limit, a
+read-only folder) removes its temporary file and leaves the old one as it was.
 `load_checkpoint` refuses a truncated, empty or altered file, and a file this project did not
 write, in one line that names it; it never runs code from a file (`weights_only`).
 `lock_run_folder` keeps a second run out of a folder in use.
@@ -25,7 +26,7 @@ TEMP = ".tmp"  # a temporary file is "<path>.tmp<pid>"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file."""
+    """A checkpoint file that cannot be used, or a run folder that cannot be written; the message names it."""
 
 
 @contextlib.contextmanager
@@ -54,17 +55,28 @@ def save_checkpoint(state, path):
     torch.save(state, buffer)
     payload = buffer.getvalue()
     tmp = f"{path}{TEMP}{os.getpid()}"
+    replaced = False
     with signals_deferred():
-        with open(tmp, "wb") as f:
-            f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+            with open(tmp, "wb") as f:
+                f.write(hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            replaced = True
+            folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            folder, name = os.path.split(os.path.abspath(path))
+            kept = ("it is saved, but the folder could not be synced" if replaced else
+                    f"the previous {name} is intact, --resume continues from it" if os.path.exists(path) else
+                    "nothing was saved")
+            raise CheckpointError(f"{folder}: cannot save {name} ({error.strerror or error}); {kept}") from None
 
 
 def load_checkpoint(path, keys=(), expected="a checkpoint of train.py"):
@@ -111,6 +123,21 @@ def foreign_kind(blob):
     if blob.startswith(b"\x80"):
         return "a plain pickle"
     return "not a checkpoint"
+
+
+def check_writable(folder):
+    """Create `folder` if need be and make sure a file can be created in it, before any work."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CheckpointError(f"--out {folder} is a file, not a folder; choose another --out")
+    probe = os.path.join(folder, f".probe{TEMP}{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+        os.remove(probe)
+    except OSError as error:
+        raise CheckpointError(f"--out {folder}: cannot write in this folder ({error.strerror or error}); "
+                              f"choose another --out") from None
 
 
 def temp_files(folder):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import stage_settings
 from data import MixedBatchSampler, MixedDataset, collate
 
@@ -207,10 +207,9 @@ def train_loop(stage, model, loss_fn, datasets, steps, batch_size, lr, args, ckp
             step += 1
             if log_file and (step % args.log_every == 0 or step == steps or not finite.item()):
                 rate = seen / (time.time() - t0)
-                log_file.write(json.dumps({"stage": stage, "step": step, "lr": lr_at(step - 1, lr, args.warmup, steps),
-                                           "loss": loss.item(), "finite": bool(finite.item()), "samples_per_s": rate,
-                                           **parts}) + "\n")
-                log_file.flush()
+                write_log(log_file, {"stage": stage, "step": step, "lr": lr_at(step - 1, lr, args.warmup, steps),
+                                     "loss": loss.item(), "finite": bool(finite.item()), "samples_per_s": rate,
+                                     **parts})
                 bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
             bar.update(1)
             saved = bool(ckpt_path and rank == 0 and (step % args.ckpt_every == 0 or step == steps))
@@ -232,6 +231,18 @@ def _closing(bar, log_file):
         bar.close()
         if log_file:
             log_file.close()
+
+
+def write_log(log_file, record):
+    """One line of OUT/log.jsonl; a full disk or an unwritable file stops the run in one line."""
+    try:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+    except OSError as error:
+        with contextlib.suppress(OSError):  # closing flushes again: the same error, already being raised
+            log_file.close()
+        raise CheckpointError(f"{os.path.dirname(os.path.abspath(log_file.name))}: cannot write "
+                              f"{os.path.basename(log_file.name)} ({error.strerror or error})") from None
 
 
 def to_device(batch, device):

@@ -32,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval as evaluation
 from bpe import BPETokenizer
-from checkpoint import (CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint,
-                        temp_files, unlock_run_folder)
+from checkpoint import (CheckpointError, check_writable, load_checkpoint, lock_run_folder, remove_temp_files,
+                        save_checkpoint, temp_files, unlock_run_folder)
 from config import check_settings, get_args, stage_settings
 from clip import CLIP, load_openai_clip
 from data import SampleError, build_datasets, sizes_of
@@ -321,7 +321,7 @@ def main(argv=None):
         try:
             if args.resume and not os.path.isdir(args.out):
                 raise SystemExit(f"--resume: {args.out} does not exist, there is nothing to resume")
-            os.makedirs(args.out, exist_ok=True)
+            check_writable(args.out)
             if rank_and_world()[0] == 0:
                 lock = lock_run_folder(args.out)  # a folder in use is refused in one line, by the handler below
                 if args.resume:

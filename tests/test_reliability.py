@@ -8,9 +8,11 @@ import io
 import json
 import os
 import pickle
+import resource
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -18,8 +20,9 @@ import pytest
 import torch
 
 import eval as evaluation
+import loop
 import train
-from checkpoint import load_checkpoint, lock_run_folder, save_checkpoint, temp_files
+from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, save_checkpoint, temp_files
 from test_train import FLAGS, run, trainable_state, with_finished_stages
 
 
@@ -136,6 +139,91 @@ def test_a_signal_during_a_save_waits_for_the_save_to_end(tmp_path, monkeypatch)
         signal.signal(signal.SIGINT, previous)
         monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 2 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+# ----------------------------------------------------------------------------- a full disk, an unwritable folder
+
+def test_a_save_that_hits_a_file_size_limit_keeps_the_previous_checkpoint_and_resume_continues(
+        ctrl_c, uninterrupted, tmp_path):
+    out = shutil.copytree(ctrl_c[0], tmp_path / "run")
+    before = (out / "ckpt.pt").read_bytes()
+    limit = len(before) // 4  # the lock and the log fit under it, a checkpoint does not (EFBIG: Python ignores SIGXFSZ)
+    proc = run("train.py", *FLAGS, "--ckpt-every", "1", "--out", str(out), "--resume",
+               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, output[-3000:]
+    assert output.splitlines()[-1] == (f"error: {out}: cannot save ckpt.pt (File too large); "
+                                       f"the previous ckpt.pt is intact, --resume continues from it")
+    assert (out / "ckpt.pt").read_bytes() == before and not temp_files(out)
+    train.main([*FLAGS, "--out", str(out), "--resume"])
+    assert same_as_uninterrupted(out, uninterrupted)
+
+
+def can_create_in(folder):
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return False
+    (folder / "probe").unlink()
+    return True
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder holding a checkpoint, in which no file can be created: by its mode, or, for root (whom
+    modes do not stop), by `chattr +i`."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    save_checkpoint({"step": 1}, folder / "ckpt.pt")
+    folder.chmod(0o555)
+    undo = lambda: folder.chmod(0o755)
+    if can_create_in(folder):
+        undo()
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", folder], capture_output=True).returncode:
+            pytest.skip("no way to make a folder read-only here: modes do not stop root and chattr +i failed")
+        undo = lambda: subprocess.run(["chattr", "-i", folder], check=True)
+        assert not can_create_in(folder)
+    yield folder
+    undo()
+
+
+def test_a_save_in_a_read_only_folder_fails_in_one_line_and_keeps_the_previous_checkpoint(read_only):
+    with pytest.raises(CheckpointError) as failure:
+        save_checkpoint({"step": 2}, read_only / "ckpt.pt")
+    assert str(failure.value).startswith(f"{read_only}: cannot save ckpt.pt (")
+    assert str(failure.value).endswith("); the previous ckpt.pt is intact, --resume continues from it")
+    assert load_checkpoint(read_only / "ckpt.pt")["step"] == 1 and os.listdir(read_only) == ["ckpt.pt"]
+
+
+def test_a_full_disk_under_the_log_stops_the_loop_in_one_line(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    from test_encoder import tiny_unialign
+    (tmp_path / "log.jsonl").symlink_to("/dev/full")  # a device that is always full: writes fail with ENOSPC
+    args = train.get_args(["--preset", "smoke", "--out", str(tmp_path)])
+    samples = [{"modality": "imu", "input": torch.randn(6, 40), "text": "t", "label": 0, "anchor_image": None,
+                "prior": None}] * 8
+
+    def loss(net, batch):
+        return net(batch["inputs"])[0]["imu"].square().mean(), {}
+
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: cannot write log.jsonl \\(No space left on device\\)$"):
+        loop.train_loop("unialign", tiny_unialign(), loss, [samples], 2, 4, 1e-3, args)
+
+
+@pytest.mark.parametrize("kind", ["a file in its place", "read-only"])
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch, request, kind):
+    if kind == "read-only":
+        out = request.getfixturevalue("read_only")
+        expected = f"error: --out {out}: cannot write in this folder ("
+    else:
+        out = tmp_path / "out"
+        out.write_text("a file where the run folder should be")
+        expected = f"error: --out {out} is a file, not a folder; choose another --out"
+    monkeypatch.setattr(train, "build_datasets", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as refusal:
+        train.main(["--preset", "smoke", "--out", str(out)])
+    assert refusal.value.code.startswith(expected) and "\n" not in refusal.value.code
 
 
 # ----------------------------------------------------------------------------- files this project did not write
