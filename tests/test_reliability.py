@@ -3,6 +3,7 @@ checkpoint, Ctrl-C and SIGTERM, a full disk or an unwritable folder, files this 
 write, and reruns that come out bit for bit the same. Kills and signals are real, on this machine;
 every wait polls for a file and is bounded."""
 
+import gzip
 import hashlib
 import io
 import json
@@ -23,7 +24,8 @@ import eval as evaluation
 import loop
 import train
 from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, save_checkpoint, temp_files
-from test_train import FLAGS, run, trainable_state, with_finished_stages
+from config import RUN_ONLY
+from test_train import FLAGS, STAGES, run, trainable_state, with_finished_stages
 
 
 def started(out, proc, stage="unialign", timeout=120):
@@ -280,3 +282,32 @@ def test_a_foreign_file_in_the_run_folder_is_refused_before_any_work(smoke, tmp_
     with pytest.raises(SystemExit, match=f"^error: {out / 'ckpt.pt'} is a plain torch.save file, not the unialign "
                                          f"stage of a train.py run \\(a file this project wrote"):
         train.main([*FLAGS, "--out", str(out), "--resume"])
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def same(a, b):
+    """Equal to the bit: tensors, and the containers and plain values around them, but for the settings
+    that change nothing a run computes (its folder, whether it evaluates, ...)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a if k not in RUN_ONLY)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+def test_a_rerun_in_a_new_process_with_the_same_thread_count_is_bit_identical(smoke, tmp_path):
+    """Same machine, same thread count, CPU: the whole recipe again in a fresh process (its own hash
+    seed, its own allocator) gives every stage's weights, optimizer state and RNG state to the bit."""
+    out = tmp_path / "rerun"
+    proc = run("train.py", "--preset", "smoke", "--no-eval", "--out", str(out),
+               env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output[-3000:]
+    for name in STAGES + ["ckpt.pt"]:
+        if name.endswith(".gz"):
+            assert gzip.decompress((smoke / name).read_bytes()) == gzip.decompress((out / name).read_bytes())
+        else:
+            assert same(load_checkpoint(smoke / name), load_checkpoint(out / name)), name
