@@ -159,7 +159,8 @@ def load_anchor(config):
     if config.get("clip"):
         clip, bpe = load_openai_clip(config["clip"]), BPETokenizer(config["bpe"])
     else:
-        anchor = load_checkpoint(os.path.join(config["out"], "anchor.pt"))
+        anchor = load_checkpoint(os.path.join(config["out"], "anchor.pt"), ("config", "state_dict"),
+                                 "the anchor stage of a train.py run")
         clip, bpe = CLIP(**anchor["config"]), BPETokenizer(os.path.join(config["out"], "bpe.txt.gz"))
         clip.load_state_dict(anchor["state_dict"])
     return clip.requires_grad_(False).eval(), bpe
@@ -175,6 +176,9 @@ def encode_texts(clip, bpe, texts, device, chunk=256):
     return torch.cat(out)
 
 
+RUN_CKPT = "RUN/ckpt.pt of a train.py run (its UniAlign stage)"
+
+
 def load_run(out, device="cpu", ckpt_path=None):
     """A trained run -> (UniAlign, frozen CLIP, BPE, the run's configuration), ready to embed.
 
@@ -182,7 +186,7 @@ def load_run(out, device="cpu", ckpt_path=None):
     by default OUT/ckpt.pt.
     """
     ckpt_path = ckpt_path or os.path.join(out, "ckpt.pt")
-    config = {**load_checkpoint(ckpt_path)["config"], "out": out}
+    config = {**load_checkpoint(ckpt_path, ("config", "model_args", "model"), RUN_CKPT)["config"], "out": out}
     clip, bpe = load_anchor(config)
     clip = clip.to(device)
     return load_model(ckpt_path, clip, device)[0], clip, bpe, config
@@ -190,7 +194,7 @@ def load_run(out, device="cpu", ckpt_path=None):
 
 def load_model(path, clip, device="cpu"):
     """A UniAlign (or specialist) checkpoint of this repo, built on its own copy of the frozen CLIP."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, ("model_args", "model"), "a UniAlign or specialist checkpoint of train.py")
     model = UniAlign(copy.deepcopy(clip), **ckpt["model_args"])
     model.load_trainable_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -184,9 +184,10 @@ def other_names(ds):
 
 # ----------------------------------------------------------------------------- the evaluation
 
-def evaluate(out, device="cpu"):
-    """Every benchmark of a finished run folder -> metrics.json, metrics.md and the figures."""
-    model, clip, bpe, config = load_run(out, device)
+def evaluate(out, device="cpu", ckpt_path=None):
+    """Every benchmark of a finished run folder -> metrics.json, metrics.md and the figures; the model
+    is `ckpt_path`, by default OUT/ckpt.pt."""
+    model, clip, bpe, config = load_run(out, device, ckpt_path)
     modalities = model.modalities
     tests = build_datasets(config, "test", ["image", *modalities])
     trains = build_datasets(config, "train", modalities)  # the raw baseline's class means; what connects the pairs
@@ -390,7 +391,7 @@ def main():
         p.error("--prompts: every template needs {} where the class name goes")
     try:
         if not args.data:
-            evaluate(os.path.dirname(os.path.abspath(args.ckpt)), args.device)
+            evaluate(os.path.dirname(os.path.abspath(args.ckpt)), args.device, args.ckpt)
             return
         results = evaluate_manifests(args.ckpt, args.data, args.classes, args.prompts, args.device)
     except (SampleError, CheckpointError) as error:

@@ -27,6 +27,9 @@ were obtained.
 import copy
 import hashlib
 import os
+import shlex
+import signal
+import sys
 import time
 
 import torch
@@ -36,13 +39,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval as evaluation
 from bpe import BPETokenizer
-from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint, unlock_run_folder
+from checkpoint import (CheckpointError, check_writable, load_checkpoint, lock_run_folder, remove_temp_files,
+                        save_checkpoint, temp_files, unlock_run_folder)
 from config import check_settings, get_args, stage_settings
 from clip import CLIP, load_openai_clip
 from cache import cached, default_folder
 from data import WORLD_CODE, Captioned, SampleError, build_datasets, sizes_of
 from encoder import UniAlign, embed, encode_texts, load_anchor, load_model
-from loop import log, rank_and_world, stage_seed, train_loop
+from loop import Interrupted, log, rank_and_world, stage_seed, stop_on_signals, train_loop
 from losses import gather_with_grad, hard_targets, soft_binding_loss, soft_targets, unialign_loss
 from modalities import MODALITIES, extended
 
@@ -54,10 +58,8 @@ TRAINING_CODE = WORLD_CODE + ["bpe.py", "clip.py", "encoder.py", "lora_moe.py", 
 # ----------------------------------------------------------------------------- the run folder
 
 def check_run_folder(args):
-    """Before any work: refuse --resume without a checkpoint, and every stage file in OUT made with
-    other settings, or unfinished without --resume."""
-    if args.resume and not os.path.exists(os.path.join(args.out, "ckpt.pt")):
-        raise SystemExit(f"--resume: {os.path.join(args.out, 'ckpt.pt')} does not exist, there is nothing to resume")
+    """Before any work: refuse every stage file in OUT made with other settings, or unfinished without
+    --resume."""
     stages = [("anchor.pt", "anchor", args.anchor_steps), ("ckpt.pt", "unialign", args.steps)]
     for kind, steps in (("prior", args.prior_steps), ("specialist", args.specialist_steps)):
         stages += [(name, f"{kind}:{name[len(kind) + 1:-3]}", steps) for name in sorted(os.listdir(args.out))
@@ -66,12 +68,47 @@ def check_run_folder(args):
         reusable(os.path.join(args.out, name), args, stage, steps)
 
 
+def check_resume(args, lock):
+    """--resume needs OUT/ckpt.pt, or the traces of a run killed before its first checkpoint was whole
+    (its pid in the lock, a temporary file, its log): then its stages start from step 0. A folder
+    with no trace of a run is refused, so a mistyped --out never silently starts afresh."""
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt):
+        return
+    traces = [f"pid {lock.previous_pid} in its lock"] if lock.previous_pid else []
+    traces += [f"temporary file {name}" for name in temp_files(args.out)]
+    traces += ["log.jsonl"] if os.path.exists(os.path.join(args.out, "log.jsonl")) else []
+    if not traces:
+        raise SystemExit(f"--resume: {ckpt} does not exist, there is nothing to resume")
+    log(f"--resume: {ckpt} does not exist, but {args.out} holds a run killed before its first checkpoint was "
+        f"whole ({', '.join(traces)}): its stages without a checkpoint start from step 0")
+
+
+def resume_command(argv):
+    """The command that resumes this run: the one that started it, with --resume."""
+    if argv is None:  # from the command line: its exact words
+        argv, command = sys.argv[1:], sys.orig_argv[:len(sys.orig_argv) - len(sys.argv) + 1]
+    else:
+        command = ["python", "train.py"]
+    if rank_and_world()[1] > 1:  # under torchrun: its launcher's command line, when it can be read
+        try:
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                launcher = [word.decode() for word in f.read().split(b"\0") if word]
+        except OSError:
+            launcher = []
+        if any(word.endswith("train.py") for word in launcher):
+            command, argv = launcher, []
+        else:
+            command = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}", "train.py"]
+    return shlex.join(command + argv + ([] if "--resume" in argv + command else ["--resume"]))
+
+
 def reusable(path, args, stage, steps):
     """The checkpoint at `path` when it holds `stage` finished with these settings, else None.
     Refuses one made with other settings, and an unfinished one without --resume."""
     if not os.path.exists(path):
         return None
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, ("step", "settings"), f"the {stage} stage of a train.py run")
     check_settings(ckpt["settings"], args, stage.split(":")[0], path)
     if ckpt["step"] >= steps:
         return ckpt
@@ -349,21 +386,36 @@ def main(argv=None):
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     if args.precision == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("--precision bf16 is not supported on this GPU: use --precision fp16")
-    os.makedirs(args.out, exist_ok=True)
-    lock = lock_run_folder(args.out) if rank_and_world()[0] == 0 else None
-    if lock and (stale := remove_temp_files(args.out)):
-        log(f"removed {len(stale)} temporary files a killed save left in {args.out}: {', '.join(stale)}")
-    try:
-        run(args)
-        if dist.is_initialized():
-            dist.barrier()  # every rank is done before any closes its connections
-    except (SampleError, CheckpointError) as error:  # a user's bad file, manifest or checkpoint: one line
-        raise SystemExit(f"error: {error}") from None
-    finally:
-        if lock:
-            unlock_run_folder(lock)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    lock, interrupted = None, False
+    with stop_on_signals():  # Ctrl-C and SIGTERM: the step finishes, a checkpoint saves it, exit 130 or 143
+        try:
+            if args.resume and not os.path.isdir(args.out):
+                raise SystemExit(f"--resume: {args.out} does not exist, there is nothing to resume")
+            check_writable(args.out)
+            if rank_and_world()[0] == 0:
+                lock = lock_run_folder(args.out)  # a folder in use is refused in one line, by the handler below
+                if args.resume:
+                    check_resume(args, lock)
+                if stale := remove_temp_files(args.out):
+                    log(f"removed {len(stale)} temporary files a killed save left in {args.out}: {', '.join(stale)}")
+            run(args)
+            if dist.is_initialized():
+                dist.barrier()  # every rank is done before any closes its connections
+        except (SampleError, CheckpointError) as error:  # a user's bad file, manifest, checkpoint or folder: one line
+            raise SystemExit(f"error: {error}") from None
+        except Interrupted as stop:
+            interrupted = True
+            if rank_and_world()[0] == 0:
+                print(f"{stop.describe()}. Resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
+            if argv is None:  # the process exits now: a further signal (torchrun forwards one) must not change its code
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_IGN)
+            raise SystemExit(stop.code) from None
+        finally:
+            if lock:
+                unlock_run_folder(lock, keep_pid=interrupted)
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def run(args):

@@ -1,7 +1,8 @@
 """Shared fixtures: one cache folder for the whole test session (the world, its anchor and its prior
 are built once, by the first run that needs them, and reused by every later one, in this process
-and in the processes tests start), and one smoke run of the whole recipe, made once per session and
-reused by every test that needs a finished run."""
+and in the processes tests start); one smoke run of the whole recipe, made once per session and
+reused by every test that needs a finished run; and one uninterrupted 12-step UniAlign on its
+stages, the state every interrupted and resumed run must end in."""
 
 import os
 
@@ -25,4 +26,15 @@ def smoke(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smoke")
     train.main(["--preset", "smoke", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(smoke, tmp_path_factory):
+    """OUT of `train.py FLAGS` (test_train.py) run to the end on the smoke run's anchor and specialists."""
+    import train
+    from test_train import FLAGS, with_finished_stages
+
+    out = with_finished_stages(smoke, tmp_path_factory.mktemp("uninterrupted") / "run")
+    train.main([*FLAGS, "--out", str(out)])
     return out

@@ -14,7 +14,7 @@ import torch
 import loop
 import train
 from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint
-from test_train import ROOT, run, trainable_state, with_finished_stages
+from test_train import FLAGS, ROOT, run, trainable_state, with_finished_stages
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "flipped"])
@@ -54,10 +54,8 @@ def test_a_kill_during_a_save_leaves_the_old_checkpoint_whole(tmp_path):
         assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"] and all(".tmp" in name for name in stale)
 
 
-def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_state(smoke, tmp_path):
-    flags = ["--preset", "smoke", "--steps", "12", "--ckpt-every", "1", "--no-eval"]
-    whole = with_finished_stages(smoke, tmp_path / "whole")
-    train.main([*flags, "--out", str(whole)])
+def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_state(smoke, uninterrupted, tmp_path):
+    flags = [*FLAGS, "--ckpt-every", "1"]
     killed = with_finished_stages(smoke, tmp_path / "killed")
     for delay in (0.0, 0.7, 1.3):
         proc = run("train.py", *flags, "--out", str(killed), *(["--resume"] if (killed / "ckpt.pt").exists() else []))
@@ -69,7 +67,7 @@ def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_state(smoke, 
         proc.wait()
     assert load_checkpoint(killed / "ckpt.pt")["step"] < 12, "the run finished before it could be killed"
     train.main([*flags, "--out", str(killed), "--resume"])
-    a, b = trainable_state(whole), trainable_state(killed)
+    a, b = trainable_state(uninterrupted), trainable_state(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [name for name in os.listdir(killed) if ".tmp" in name]
 
@@ -110,6 +108,11 @@ def test_a_changed_setting_on_resume_is_refused_by_name_before_any_work(smoke, t
         train.main(["--preset", "smoke", "--out", str(out), "--resume", flag, value])
 
 
-def test_resume_without_a_checkpoint_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="--resume: .*ckpt.pt does not exist, there is nothing to resume"):
-        train.main(["--preset", "smoke", "--out", str(tmp_path), "--resume"])
+def test_resume_without_a_checkpoint_or_a_trace_of_a_run_is_refused(smoke, tmp_path):
+    stages = with_finished_stages(smoke, tmp_path / "stages")  # stage files, but no run was here
+    for out in (tmp_path, stages, stages):  # the second time: a refused run leaves no trace either
+        with pytest.raises(SystemExit, match="--resume: .*ckpt.pt does not exist, there is nothing to resume"):
+            train.main(["--preset", "smoke", "--out", str(out), "--resume"])
+    with pytest.raises(SystemExit, match=f"--resume: {tmp_path / 'typo'} does not exist, there is nothing to resume"):
+        train.main(["--preset", "smoke", "--out", str(tmp_path / "typo"), "--resume"])
+    assert not (tmp_path / "typo").exists()

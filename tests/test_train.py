@@ -19,6 +19,7 @@ from modalities import extended
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["anchor.pt", "bpe.txt.gz"] + [f"{kind}_{m}.pt" for kind in ("prior", "specialist") for m in extended()]
+FLAGS = ["--preset", "smoke", "--steps", "12", "--no-eval"]  # runs interrupted in tests, and the one that is not
 
 
 def run(*args, **kw):
@@ -82,11 +83,8 @@ def test_unialign_does_not_depend_on_how_earlier_stages_were_obtained(smoke, tmp
     assert before == after
 
 
-def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, tmp_path):
-    flags = ["--preset", "smoke", "--steps", "12", "--ckpt-every", "2", "--no-eval"]
-    whole = with_finished_stages(smoke, tmp_path / "whole")
-    train.main([*flags, "--out", str(whole)])
-
+def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, uninterrupted, tmp_path):
+    flags = [*FLAGS, "--ckpt-every", "2"]
     killed = with_finished_stages(smoke, tmp_path / "killed")
     proc = run("train.py", *flags, "--out", str(killed))
     deadline = time.time() + 120
@@ -100,21 +98,50 @@ def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, tmp_pat
         train.main([*flags, "--out", str(killed)])
     train.main([*flags, "--out", str(killed), "--resume"])
 
-    a, b = trainable_state(whole), trainable_state(killed)
+    a, b = trainable_state(uninterrupted), trainable_state(killed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_two_process_gloo_ddp_run(smoke, tmp_path):
+def worker_of_rank(launcher, rank):
+    """The pid of the worker torchrun started for `rank` (read from /proc)."""
+    children = [int(pid) for task in Path(f"/proc/{launcher}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    return next(pid for pid in children if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+
+
+def test_two_process_gloo_ddp_run_stops_every_rank_at_one_step_on_sigterm_to_one_and_resumes(smoke, tmp_path):
+    """SIGTERM to rank 1 alone: the ranks agree on it (all_reduce), both finish the same step, rank 0
+    saves it, and the launch resumes to the end with --resume."""
     out = with_finished_stages(smoke, tmp_path / "ddp")
-    proc = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-               "--preset", "smoke", "--steps", "4", "--device", "cpu", "--no-eval", "--out", str(out),
-               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--preset", "smoke",
+              "--steps", "6", "--device", "cpu", "--no-eval", "--log-every", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc, workers = run(*launch, env=env), []
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and '"unialign"' not in (
+                (out / "log.jsonl").read_text() if (out / "log.jsonl").exists() else ""):
+            time.sleep(0.02)
+        workers = [worker_of_rank(proc.pid, rank) for rank in (0, 1)]
+        os.kill(workers[1], signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # the test failed: end the launch (torchrun gives each worker its own session)
+            for pid in [proc.pid, *workers]:
+                os.kill(pid, signal.SIGKILL)
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    step = ckpt["step"]
+    assert step < 6 and ckpt["sampler"]["world_size"] == 2, log[-3000:]
+    assert f"unialign: stopped by SIGTERM after step {step} of 6, saved in {out / 'ckpt.pt'}. Resume with: " in log
+    assert log.count("exitcode  : 143") == 2, log[-3000:]  # both ranks stopped as SIGTERM asks, neither crashed
+    proc = run(*launch, "--resume", env=env)
     log, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, log[-3000:]
+    assert f"resumed unialign at step {step} of 6" in log
     ckpt = load_checkpoint(out / "ckpt.pt")
-    assert ckpt["step"] == 4 and ckpt["sampler"]["world_size"] == 2
+    assert ckpt["step"] == 6 and ckpt["sampler"]["world_size"] == 2
 
 
 def test_eval_cli_on_a_finished_run(smoke):
