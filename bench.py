@@ -32,6 +32,9 @@ import functools
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -278,6 +281,7 @@ def step_breakdown(name, device, batch, repeats, precision, compiled=False):
     return {"config": name, "batch": batch, "precision": precision, "compiled": compiled,
             "ms": {k: 1000 * v for k, v in times.items()}, "samples_per_s": batch / total,
             "tflop_per_step": flops / 1e12, "achieved_tflops": flops / total / 1e12,
+            "of_matmul_rate": flops / total / matmul_rate(device) if device.type == "cpu" else None,
             "mfu": flops / total / PEAK_BF16[chip] if chip and precision == "bf16" else None}
 
 
@@ -305,6 +309,62 @@ def activation_memory(name, device, batches, checkpointing):
         rows.append({"config": name, "batch": batch, "checkpointing": checkpointing,
                      "saved_mib": sum(seen.values()) / 2 ** 20, "backward_ms": 1000 * (time.perf_counter() - start),
                      "cuda_peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None})
+    return rows
+
+
+def matmul_rate(device, n=2048, repeats=5):
+    """This CPU's (or GPU's) own fp32 matmul rate, FLOP/s: the best of `repeats` (n x n) @ (n x n) products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = min(median_times({"mm": lambda: a @ b}, 1, device)["mm"] for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe end to end, as a user runs it
+# ----------------------------------------------------------------------------------------------
+
+def run_recipe(code, preset, out, cache):
+    """`python train.py --preset P` in folder `code` with its cache in `cache`: wall seconds, the seconds
+    of each kind of stage from OUT/log.jsonl, and the mean zero-shot top-1 with its chance."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "train.py", "--preset", preset, "--out", out], cwd=code, check=True,
+                   env={**os.environ, "UNIALIGN_CACHE": cache}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    stages = {}
+    with open(os.path.join(out, "log.jsonl")) as f:
+        for record in map(json.loads, f):
+            stages[record["stage"]] = record.get("seconds", 0.0)  # the stage's last record: its whole time
+    kinds = {}
+    for stage, seconds in stages.items():
+        kinds[stage.split(":")[0]] = kinds.get(stage.split(":")[0], 0.0) + seconds
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    return {"wall": wall, **kinds, "rest": wall - sum(kinds.values()),
+            "top1": metrics["unialign"]["zero_shot_top1"]["mean"], "chance": metrics["chance"]["mean"]}
+
+
+def recipe_times(presets, repeats, baseline=None):
+    """Each preset end to end: a first run (an empty cache: the world, its anchor and prior are built)
+    and a rerun (the cache warm, a new run folder), best of `repeats`. With `baseline`, a checkout of
+    other code (say the previous commit) runs the same preset interleaved with these, turn by turn,
+    so that the machine's drift hits both alike; the ratios are against its best."""
+    rows = []
+    for preset in presets:
+        best = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            for r in range(repeats):
+                cache = os.path.join(scratch, f"cache{r}")
+                turns = [("first run", os.path.dirname(os.path.abspath(__file__))), ("rerun", None)]
+                turns += [("baseline", baseline)] if baseline else []
+                for kind, code in turns:
+                    result = run_recipe(code or turns[0][1], preset, os.path.join(scratch, f"{kind}{r}"), cache)
+                    if kind not in best or result["wall"] < best[kind]["wall"]:
+                        best[kind] = result
+        for kind, result in best.items():
+            ratio = result["wall"] / best["baseline"]["wall"] if baseline else None
+            rows.append({"preset": preset, "run": kind, **{k: round(v, 3) for k, v in result.items()},
+                         "vs_baseline": round(ratio, 3) if ratio else None})
     return rows
 
 
@@ -423,7 +483,7 @@ def print_rows(title, rows):
         print("  ".join(r[k].ljust(w) for k, w in widths.items()))
 
 
-SECTIONS = ["lora_moe", "step", "memory", "encode", "generation", "params"]
+SECTIONS = ["lora_moe", "step", "memory", "encode", "generation", "params", "recipe"]
 
 
 def main():
@@ -437,6 +497,9 @@ def main():
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run")
     parser.add_argument("--compile", action="store_true", help="also time the ViT-B/16 step under torch.compile")
+    parser.add_argument("--presets", nargs="+", default=["smoke", "course", "default"], help="recipe section: the presets")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="recipe section: a checkout of other code (e.g. the previous commit) timed interleaved with this")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -470,6 +533,8 @@ def main():
         results["generation"] = generation_rates()
     if "params" in args.only:
         results["params"] = trainable_parameters()
+    if "recipe" in args.only:
+        results["recipe"] = recipe_times(args.presets, args.repeats or 3, args.baseline)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -479,7 +544,8 @@ def main():
     titles = {"step": "UniAlign training step (medians; data = waiting for the next batch)",
               "memory": "Activation memory of one training step (saved tensors), with and without checkpointing",
               "encode": "encode() throughput per modality (default configuration, batch 64)",
-              "generation": "Synthetic world: samples generated per second, one core"}
+              "generation": "Synthetic world: samples generated per second, one core",
+              "recipe": "train.py end to end, best of the repeats (seconds; rest = process start, datasets, eval)"}
     for key, title in titles.items():
         if key in results:
             print_rows(title, results[key])

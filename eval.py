@@ -23,12 +23,14 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import reduce
 
 import figures
 from checkpoint import CheckpointError
+from config import get_args
 from data import ManifestDataset, SampleError, build_datasets, nearest_class_mean_top1, sizes_of
 from encoder import embed, encode_texts, load_model, load_run
 from modalities import MODALITIES
@@ -184,10 +186,21 @@ def other_names(ds):
 
 # ----------------------------------------------------------------------------- the evaluation
 
-def evaluate(out, device="cpu", ckpt_path=None):
-    """Every benchmark of a finished run folder -> metrics.json, metrics.md and the figures; the model
-    is `ckpt_path`, by default OUT/ckpt.pt."""
+def finished_run(out, device, ckpt_path=None):
+    """load_run, refusing in one line a run whose settings this code does not know in full (made by
+    an older version of it)."""
     model, clip, bpe, config = load_run(out, device, ckpt_path)
+    if missing := sorted(set(vars(get_args([]))) - set(config)):
+        raise CheckpointError(f"{ckpt_path or os.path.join(out, 'ckpt.pt')} was made by an older version of this "
+                              f"code (its settings lack {', '.join(missing[:5])}); train it again to evaluate it")
+    return model, clip, bpe, config
+
+
+def evaluate(out, device="cpu", ckpt_path=None, merged=False):
+    """Every benchmark of a finished run folder -> metrics.json, metrics.md and the figures; the model
+    is `ckpt_path`, by default OUT/ckpt.pt. With `merged`, also zero-shot top-1 with each modality's
+    expected expert update folded into the weights (UniAlign.merge), beside the routed model's."""
+    model, clip, bpe, config = finished_run(out, device, ckpt_path)
     modalities = model.modalities
     tests = build_datasets(config, "test", ["image", *modalities])
     trains = build_datasets(config, "train", modalities)  # the raw baseline's class means; what connects the pairs
@@ -216,6 +229,9 @@ def evaluate(out, device="cpu", ckpt_path=None):
         u["zero_shot_top1"][m], u["map"][m] = scores["top1"], scores["map"]
         if "top5" in scores:
             u["zero_shot_top5"][m] = scores["top5"]
+        if merged:
+            u.setdefault("merged_top1", {})[m] = zero_shot(embed(model.merge(m), ds, device)[0], labels, class_text)["top1"]
+            model.unmerge()
         if (names := other_names(ds)) is not None:
             u["other_names_top1"][m] = zero_shot(z, labels, class_embeddings(clip, bpe, prompts, names, device))["top1"]
         if held_out:
@@ -283,17 +299,10 @@ def evaluate_manifests(ckpt, manifests, class_names=None, templates=None, device
     """A trained run on any manifests (their "test" lines, or every line when none has a split):
     zero-shot top-1 against the manifest's labels (or `class_names`) and concept-level retrieval."""
     out = os.path.dirname(os.path.abspath(ckpt))
-    model, clip, bpe, config = load_run(out, device, ckpt)
+    model, clip, bpe, config = finished_run(out, device, ckpt)
     results = {}
     for path in manifests:
-        try:
-            ds = ManifestDataset(path, split="test", **sizes_of(config))
-        except SampleError as error:
-            if "no usable samples with split" not in str(error):
-                raise
-            ds = ManifestDataset(path, **sizes_of(config))
-        if ds.modality not in model.modalities:
-            raise SampleError(f"{path}: modality '{ds.modality}' was not trained in {ckpt} ({model.modalities})")
+        ds = test_lines(path, model, config, ckpt)
         names = list(class_names or ds.class_names)
         missing = sorted(set(ds.class_names) - set(names))
         if missing:
@@ -305,6 +314,53 @@ def evaluate_manifests(ckpt, manifests, class_names=None, templates=None, device
         results[path] = {"modality": ds.modality, "samples": len(ds), "classes": len(names),
                          "chance": 1 / len(names), **{f"zero_shot_{k}": v for k, v in scores.items()}}
     return results
+
+
+def test_lines(path, model, config, ckpt):
+    """A manifest's "test" lines (every line when it has no split), of a modality the model was trained on."""
+    try:
+        ds = ManifestDataset(path, split="test", **sizes_of(config))
+    except SampleError as error:
+        if "no usable samples with split" not in str(error):
+            raise
+        ds = ManifestDataset(path, **sizes_of(config))
+    if ds.modality not in model.modalities:
+        raise SampleError(f"{path}: modality '{ds.modality}' was not trained in {ckpt} ({model.modalities})")
+    return ds
+
+
+def export(ckpt, path, manifests=None, device="cpu"):
+    """Embeddings out: the test samples of `manifests` (or of the run's own world) embedded by the run's
+    model, written to `path`. .npz: for each modality M, arrays "M/embeddings" (N, D), "M/labels" (N,)
+    (-1: no label), "M/class_names" and "M/paths" (a manifest's paths as written; "world:M/test/i"
+    for the synthetic world). .npy: the (N, D) embeddings of one dataset, and beside it PATH.tsv with
+    each row's label and path."""
+    out = os.path.dirname(os.path.abspath(ckpt))
+    model, _, _, config = finished_run(out, device, ckpt)
+    if manifests:
+        sets = {ds.modality: ds for ds in (test_lines(p, model, config, ckpt) for p in manifests)}
+    else:
+        sets = build_datasets(config, "test", model.modalities)
+    if path.endswith(".npy") and len(sets) > 1:
+        raise SampleError(f"{path}: a .npy holds one dataset's embeddings, and there are {len(sets)}; use .npz")
+    arrays = {}
+    for m, ds in sets.items():
+        z, labels = embed(model, ds, device)
+        paths = [e["written"]["path"] for e in ds.entries] if hasattr(ds, "entries") else \
+            [f"world:{m}/test/{i}" for i in range(len(ds))]
+        arrays |= {f"{m}/embeddings": z.numpy(), f"{m}/labels": labels.numpy(), f"{m}/class_names": np.array(ds.class_names),
+                   f"{m}/paths": np.array(paths)}
+    if path.endswith(".npy"):
+        (m,) = sets
+        np.save(path, arrays[f"{m}/embeddings"])
+        names = arrays[f"{m}/class_names"]
+        with open(path + ".tsv", "w") as f:
+            f.write("row\tlabel\tpath\n")
+            f.writelines(f"{i}\t{names[k] if k >= 0 else ''}\t{p}\n"
+                         for i, (k, p) in enumerate(zip(arrays[f"{m}/labels"], arrays[f"{m}/paths"])))
+    else:
+        np.savez(path, **arrays)
+    return {m: len(ds) for m, ds in sets.items()}
 
 
 def mean(values):
@@ -334,6 +390,13 @@ def write_report(out, metrics, modalities):
                      f"{f(u['other_names_top1'], m)} |")
     lines.append(f"| **mean** | | | {chance['mean']:.3f} | " + " | ".join(f(block, "mean") for block in blocks[4:1:-1])
                  + f" | **{f(u['zero_shot_top1'], 'mean')}** | {f(u['other_names_top1'], 'mean')} |")
+    if "merged_top1" in u:
+        merged = u["merged_top1"]
+        merged["mean"] = mean([merged[m] for m in modalities])
+        lines += ["", "UniAlign merged (each modality's expected expert update folded into the weights), top-1:", "",
+                  "| modality | routed | merged | merged - routed |", "|---|---|---|---|"]
+        lines += [f"| {m} | {u['zero_shot_top1'][m]:.3f} | {merged[m]:.3f} | {merged[m] - u['zero_shot_top1'][m]:+.3f} |"
+                  for m in [*modalities, "mean"]]
     lines += ["", "Retrieval by concept, and of each sample's own anchor image among its concept's (chance in brackets):", "",
               "| modality | top-5 | mAP | x->t R@1 | t->x R@1 | own anchor R@1 |", "|---|---|---|---|---|---|"]
     for m in modalities:
@@ -382,16 +445,30 @@ def main():
                    help="with --data: score against these class names (e.g. @classes.txt), not the manifest's labels")
     p.add_argument("--prompts", nargs="+", metavar="TEMPLATE",
                    help="with --data: prompt templates with {} for the class name (e.g. @prompts.txt)")
+    p.add_argument("--merged", action="store_true",
+                   help="also score each modality with its expected expert update folded into the weights "
+                        "(UniAlign.merge: inference at the frozen ViT's cost), beside the routed model")
+    p.add_argument("--export", metavar="FILE",
+                   help="instead of evaluating, write the embeddings of the test samples (of --data, else the run's own) "
+                        "with their labels and paths to FILE: .npz (every modality) or .npy (one dataset, labels in FILE.tsv)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                    help="default: cuda when available")
     args = p.parse_args()
+    if args.merged and (args.data or args.export):
+        p.error("--merged scores the run's own test sets: leave out --data and --export")
+    if args.export and not args.export.endswith((".npz", ".npy")):
+        p.error(f"--export {args.export}: the file must end in .npz or .npy")
     if (args.classes or args.prompts) and not args.data:
         p.error("--classes and --prompts go with --data")
     if args.prompts and any("{}" not in t for t in args.prompts):
         p.error("--prompts: every template needs {} where the class name goes")
     try:
+        if args.export:
+            counts = export(args.ckpt, args.export, args.data, args.device)
+            print(f"wrote the embeddings of {', '.join(f'{n} {m}' for m, n in counts.items())} samples to {args.export}")
+            return
         if not args.data:
-            evaluate(os.path.dirname(os.path.abspath(args.ckpt)), args.device, args.ckpt)
+            evaluate(os.path.dirname(os.path.abspath(args.ckpt)), args.device, args.ckpt, args.merged)
             return
         results = evaluate_manifests(args.ckpt, args.data, args.classes, args.prompts, args.device)
     except (SampleError, CheckpointError) as error:

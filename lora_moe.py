@@ -136,8 +136,8 @@ class LoRAMoELinear(nn.Module):
         experts in one matmul: the unchosen experts' gates are zero.
         """
         h = rearrange(F.linear(x, self.lora_A), "... (e r) -> ... e r", e=self.experts)  # (..., E, r)
-        h = rearrange(h * gates[..., None].to(h.dtype), "... e r -> ... (e r)")
-        return y + self.scaling * F.linear(h, self.lora_B)  # (..., out)
+        h = rearrange(h * (self.scaling * gates)[..., None].to(h.dtype), "... e r -> ... (e r)")  # alpha / r on the E gates
+        return y + F.linear(h, self.lora_B)  # (..., out)
 
     def macs_per_token(self):
         """Multiply-adds per token of the update and the router: "routed" counts the k chosen experts

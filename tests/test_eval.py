@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +162,36 @@ def test_eval_cli_scores_a_manifest_against_typed_class_names(held_out_run, tmp_
                            "--classes", "sphere"], capture_output=True, text=True, cwd=evaluation.__file__.rsplit("/", 1)[0])
     assert proc.returncode == 1 and "are not among the 1 class names given" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_export_writes_each_test_samples_embedding_with_its_label_and_path(held_out_run, tmp_path):
+    from data import build_datasets
+    from encoder import embed, load_run
+
+    metrics, out = held_out_run
+    counts = evaluation.export(str(out / "ckpt.pt"), str(tmp_path / "z.npz"))
+    assert counts == {"audio": 24, "depth": 24, "imu": 24}
+    saved = np.load(tmp_path / "z.npz")
+    model, _, _, config = load_run(str(out))
+    audio = build_datasets(config, "test", ["audio"])["audio"]
+    z, labels = embed(model, audio, "cpu")
+    assert np.array_equal(saved["audio/embeddings"], z.numpy()) and np.array_equal(saved["audio/labels"], labels.numpy())
+    assert list(saved["audio/class_names"]) == metrics["classes"]["audio"]
+    assert saved["audio/paths"][3] == "world:audio/test/3"
+    with pytest.raises(evaluation.SampleError, match="use .npz"):
+        evaluation.export(str(out / "ckpt.pt"), str(tmp_path / "z.npy"))
+
+
+def test_merged_scores_each_modality_with_its_own_update_folded_in_and_leaves_the_routed_scores(held_out_run):
+    from encoder import embed, load_run
+    from data import build_datasets
+
+    metrics, out = held_out_run
+    merged = evaluation.evaluate(str(out), merged=True)
+    assert merged["unialign"]["zero_shot_top1"] == metrics["unialign"]["zero_shot_top1"]  # each merge is undone
+    model, clip, bpe, config = load_run(str(out))
+    depth = build_datasets(config, "test", ["depth"])["depth"]
+    z, labels = embed(model.merge("depth"), depth, "cpu")
+    text = evaluation.class_embeddings(clip, bpe, evaluation.MODALITIES["depth"].prompts, depth.class_names, "cpu")
+    assert merged["unialign"]["merged_top1"]["depth"] == evaluation.zero_shot(z, labels, text)["top1"]
+    assert "UniAlign merged" in (out / "metrics.md").read_text()
