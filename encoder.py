@@ -90,12 +90,26 @@ class UniAlign(nn.Module):
         with routed(self.adapters, modality):
             z = self.clip.visual.encode_tokens(self.tokenizers[modality](x))
         # a merged modality runs no router: nothing for Eq. 3
-        return F.normalize(z.float(), dim=-1), [adapter.stats for adapter in self.adapters if adapter.merged != modality]
+        return F.normalize(z.float(), dim=-1), [a.stats[modality] for a in self.adapters if a.merged != modality]
 
     def forward(self, inputs):
-        """{modality: batch} -> ({modality: (B, D) embeddings}, {modality: router statistics})."""
-        encoded = {m: self.encode(m, x) for m, x in inputs.items()}
-        return {m: z for m, (z, _) in encoded.items()}, {m: stats for m, (_, stats) in encoded.items() if stats}
+        """{modality: batch} -> ({modality: (B, D) embeddings}, {modality: router statistics}).
+
+        Image and text take CLIP's frozen path (`encode`). Extended modalities whose tokens are
+        equally long go through the frozen blocks in one pass, each row routed by its own
+        modality's router: the function of one pass per modality, in fewer and larger matrix
+        products (at the default recipe's sizes 3 passes instead of 7)."""
+        z = {m: self.encode(m, x)[0] for m, x in inputs.items() if m in ("image", "text")}
+        tokens = {m: self.tokenizers[m](x) for m, x in inputs.items() if m not in z}
+        stats = {}
+        for length in dict.fromkeys(t.shape[1] for t in tokens.values()):
+            group = [(m, len(t)) for m, t in tokens.items() if t.shape[1] == length]
+            self.clip.visual.transformer.recompute_context = routing_context_fn(self.adapters, group)
+            with routed(self.adapters, group):
+                out = self.clip.visual.encode_tokens(torch.cat([tokens[m] for m, _ in group]))
+            for (m, _), rows in zip(group, out.split([n for _, n in group])):
+                z[m], stats[m] = F.normalize(rows.float(), dim=-1), [a.stats[m] for a in self.adapters]
+        return z, stats
 
     def merge(self, modality):
         """Fold `modality`'s expected expert update into a merged weight of every adapter

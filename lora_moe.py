@@ -84,47 +84,60 @@ class LoRAMoELinear(nn.Module):
         self.register_buffer("token_count", torch.zeros(len(self.modalities), dtype=torch.float64,
                                                         device=weight.device))
         self.register_buffer("merged_weight", None, persistent=False)  # W + the expected update, while merged
-        self.modality, self.merged, self.stats = None, None, None
+        self.modality, self.merged, self.stats = None, None, {}
         self.router_input = None  # a BlockInput when the router reads the block's input (router_scope="block")
 
     def __getstate__(self):  # `stats` may hold a graph (P): copies and pickles start without it
-        return {**super().__getstate__(), "stats": None}
+        return {**super().__getstate__(), "stats": {}}
 
     def extra_repr(self):
         out_features, in_features = self.weight.shape
         return (f"in={in_features}, out={out_features}, experts={self.experts}, rank={self.rank}, "
                 f"top_k={self.top_k}, scaling={self.scaling}, modalities={self.modalities}")
 
-    def forward(self, x):  # (..., in) -> (..., out)
+    def forward(self, x):  # (B, ..., in) -> (B, ..., out)
+        """`modality` says how: None, the frozen linear (the image path); a name, every row routed by
+        that modality's router; or [(name, rows), ...], consecutive rows of several modalities, each
+        block routed by its own modality's router (UniAlign.forward runs modalities whose tokens are
+        equally long through the blocks together: one pass instead of one per modality)."""
         if self.modality is None:
             return F.linear(x, self.weight, self.bias)
         if self.modality == self.merged:
             return F.linear(x, self.merged_weight, self.bias)
-        if self.modality not in self.modalities:
-            raise KeyError(f"unknown modality {self.modality!r}; this adapter routes {self.modalities}")
+        parts = [(self.modality, len(x))] if isinstance(self.modality, str) else self.modality
+        for m, _ in parts:
+            if m not in self.modalities:
+                raise KeyError(f"unknown modality {m!r}; this adapter routes {self.modalities}")
+            if m == self.merged:
+                raise RuntimeError(f"{m!r} is merged: it is encoded alone (UniAlign.encode), not with other modalities")
         # the router reads this linear's input, or under router_scope="block" its block's ln_1(x) (same leading dims)
         routing_input = x if self.router_input is None else self.router_input.read()
-        return self.add_expert_update(F.linear(x, self.weight, self.bias), x, self.route(routing_input))
+        self.stats = {}
+        rows = routing_input.split([n for _, n in parts])
+        gates = torch.cat([self.route(part, m) for (m, _), part in zip(parts, rows)])
+        return self.add_expert_update(F.linear(x, self.weight, self.bias), x, gates)
 
-    def route(self, x):
-        """Eq. 2: (..., in) -> gates (..., E), the softmax renormalised over its top-k (zero elsewhere).
+    def route(self, x, modality):
+        """Eq. 2: tokens (..., in) of `modality` -> gates (..., E), the softmax of the modality's router
+        renormalised over its top-k (zero elsewhere).
 
-        Also sets `stats` and, in training mode, adds the gates to this modality's running sums.
+        Also records this call's statistics in `stats[modality]` and, in training mode, adds the gates
+        to the modality's running sums.
         """
         if self.routers is None:  # one expert: the gate is identically 1
             gates = x.new_ones(*x.shape[:-1], 1, dtype=torch.float32)
-            self.stats = {"f": gates.new_ones(1), "P": gates.new_ones(1)}
+            self.stats[modality] = {"f": gates.new_ones(1), "P": gates.new_ones(1)}
         else:
-            router = self.routers[self.modality]
+            router = self.routers[modality]
             with torch.autocast(x.device.type, enabled=False):  # routing decisions in float32
                 probs = F.linear(x.float(), router.weight.float(), router.bias.float()).softmax(-1)  # (..., E)
             top, chosen = probs.topk(self.top_k, dim=-1)  # (..., k)
             gates = torch.zeros_like(probs).scatter(-1, chosen, top / top.sum(-1, keepdim=True))
             f = torch.bincount(chosen.flatten(), minlength=self.experts) / chosen.numel()
-            self.stats = {"f": f, "P": rearrange(probs, "... e -> (...) e").mean(0)}
+            self.stats[modality] = {"f": f, "P": rearrange(probs, "... e -> (...) e").mean(0)}
         if self.training:
             with torch.no_grad():
-                i = self.modalities.index(self.modality)
+                i = self.modalities.index(modality)
                 self.gate_sum[i] += rearrange(gates, "... e -> (...) e").sum(0).to(self.gate_sum.dtype)
                 self.token_count[i] += gates.numel() // self.experts
         return gates
@@ -266,8 +279,8 @@ def add_lora_moe(blocks, modalities, targets=TARGETS, experts=4, rank=8, top_k=2
 
 @contextmanager
 def routed(adapters, modality):
-    """`with routed(adapters, "audio"): ...` runs the adapters for one modality (None: frozen path)
-    and restores their previous modality afterwards."""
+    """`with routed(adapters, "audio"): ...` runs the adapters for one modality (None: frozen path; or
+    [(name, rows), ...], consecutive blocks of rows of several) and restores their previous setting."""
     previous = [adapter.modality for adapter in adapters]
     for adapter in adapters:
         adapter.modality = modality

@@ -73,13 +73,12 @@ def lora_expert():
 
 def top_k_routing():
     layer = lora_layer(experts=4, top_k=2)
-    layer.modality = "audio"
     x = torch.randn(6, 5)
     with torch.no_grad():
-        gates = layer.route(x)
+        gates = layer.route(x, "audio")
     router = layer.routers["audio"]
     return {"router_weight": router.weight, "router_bias": router.bias, "lora_A": layer.lora_A, "x": x,
-            "gates": gates, "f": layer.stats["f"], "P": layer.stats["P"]}
+            "gates": gates, "f": layer.stats["audio"]["f"], "P": layer.stats["audio"]["P"]}
 
 
 def load_balance():

@@ -19,6 +19,7 @@ def test_every_variant_is_an_ordinary_train_py_flag_set_changing_only_unialign_s
         args = vars(config.get_args(["--preset", "course", *flags]))
         changed[key] = {k: args[k] for k in full if args[k] != full[k]}
     assert changed == {"full": {}, "no_moe": {"experts": 1, "top_k": 1}, "shared_router": {"router": "shared"},
+                       "block_router": {"router_scope": "block"},
                        "lora_params": {"experts": 1, "top_k": 1, "rank": 32},  # E * r = 4 * 8
                        "lora_compute": {"experts": 1, "top_k": 1, "rank": 16},  # k * r = 2 * 8
                        "hard_targets": {"targets": "hard"}, "no_xx": {"beta": 0.0}, "no_anchor": {"lambda_anchor": 0.0},

@@ -82,7 +82,7 @@ def test_top_k_routes_each_token_to_exactly_k_experts():
     layer = tiny_layer(experts=4, top_k=2)
     layer.modality = "audio"
     x = torch.randn(50, 12)
-    gates = layer.route(x)
+    gates = layer.route(x, "audio")
     assert ((gates > 0).sum(-1) == 2).all()
     assert torch.allclose(gates.sum(-1), torch.ones(50))
     y = layer(x)
@@ -102,7 +102,7 @@ def test_k_equal_to_E_gives_dense_softmax_gates():
     layer.modality = "depth"
     x = torch.randn(50, 12)
     softmax = layer.routers["depth"](x).softmax(-1)
-    gates = layer.route(x)
+    gates = layer.route(x, "depth")
     assert (gates > 0).all()
     assert torch.allclose(gates, softmax, atol=1e-6)
 
@@ -111,8 +111,8 @@ def test_load_balance_stats():
     layer = tiny_layer(experts=4, top_k=2)
     layer.modality = "audio"
     x = torch.randn(3, 20, 12)
-    gates = layer.route(x)
-    f, P = layer.stats["f"], layer.stats["P"]
+    gates = layer.route(x, "audio")
+    f, P = layer.stats["audio"]["f"], layer.stats["audio"]["P"]
     assert torch.allclose(f.sum(), torch.tensor(1.0))
     assert torch.allclose(f, (gates > 0).flatten(0, 1).float().sum(0) / (60 * 2))
     assert not f.requires_grad
@@ -200,7 +200,7 @@ def recorded_gates(adapters):
     gates = {id(adapter): [] for adapter in adapters}
     for adapter in adapters:
         route = adapter.route
-        adapter.route = lambda x, route=route, keep=gates[id(adapter)]: keep.append(route(x)) or keep[-1]
+        adapter.route = lambda x, m, route=route, keep=gates[id(adapter)]: keep.append(route(x, m)) or keep[-1]
     return gates
 
 

@@ -15,24 +15,23 @@ def layer_from(case, top_k=2):
         for router in layer.routers.values():  # both modalities' routers start as the stored one
             router.weight.copy_(case["router_weight"])
             router.bias.copy_(case["router_bias"])
-    layer.modality = "audio"
     return layer
 
 
 def test_matches_the_stored_gates_and_statistics(stored):
     case = stored("top_k_routing")
     layer = layer_from(case)
-    gates = layer.route(case["x"])
+    gates = layer.route(case["x"], "audio")
     torch.testing.assert_close(gates, case["gates"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.stats["f"].float(), case["f"])
-    torch.testing.assert_close(layer.stats["P"].detach(), case["P"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.stats["audio"]["f"].float(), case["f"])
+    torch.testing.assert_close(layer.stats["audio"]["P"].detach(), case["P"], rtol=1e-5, atol=1e-6)
 
 
 def test_k_gates_per_token_on_the_largest_router_scores(stored):
     case = stored("top_k_routing")
     layer = layer_from(case)
     x = torch.randn(3, 20, 5)
-    gates = layer.route(x)
+    gates = layer.route(x, "audio")
     assert gates.shape == (3, 20, 4)
     assert ((gates > 0).sum(-1) == 2).all()  # exactly k experts per token
     torch.testing.assert_close(gates.sum(-1), torch.ones(3, 20))  # renormalised over the k
@@ -46,7 +45,7 @@ def test_chosen_gates_keep_the_softmax_ratios(stored):
     case = stored("top_k_routing")
     layer = layer_from(case, top_k=2)
     x = torch.randn(10, 5, dtype=torch.float32)
-    gates, scores = layer.route(x), layer.routers["audio"](x)
+    gates, scores = layer.route(x, "audio"), layer.routers["audio"](x)
     top = scores.topk(2, dim=-1).indices
     ratio = gates.gather(-1, top[:, :1]) / gates.gather(-1, top[:, 1:])
     torch.testing.assert_close(ratio, (scores.gather(-1, top[:, :1]) - scores.gather(-1, top[:, 1:])).exp(),
@@ -57,12 +56,10 @@ def test_k_equal_to_E_is_dense_and_each_modality_has_its_own_router(stored):
     case = stored("top_k_routing")
     layer = layer_from(case, top_k=4)
     x = torch.randn(8, 5)
-    assert (layer.route(x) > 0).all()
+    assert (layer.route(x, "audio") > 0).all()
     with torch.no_grad():
         layer.routers["depth"].weight.mul_(-1)
-    audio = layer.route(x)
-    layer.modality = "depth"
-    assert not torch.allclose(layer.route(x), audio)
+    assert not torch.allclose(layer.route(x, "depth"), layer.route(x, "audio"))
 
 
 def test_statistics_for_the_load_balance(stored):
@@ -70,12 +67,12 @@ def test_statistics_for_the_load_balance(stored):
     differentiable; in training mode the gates are added to this modality's running sums."""
     case = stored("top_k_routing")
     layer = layer_from(case)
-    layer.route(torch.randn(50, 5))
-    f, P = layer.stats["f"], layer.stats["P"]
+    layer.route(torch.randn(50, 5), "audio")
+    f, P = layer.stats["audio"]["f"], layer.stats["audio"]["P"]
     assert f.shape == P.shape == (4,)
     assert f.sum().item() == pytest.approx(1.0) and P.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert not f.requires_grad and P.requires_grad
     assert layer.token_count[0] == 50 and layer.gate_sum[0].sum().item() == pytest.approx(50.0)
     layer.eval()
-    layer.route(torch.randn(5, 5))
+    layer.route(torch.randn(5, 5), "audio")
     assert layer.token_count[0] == 50  # inference does not count
