@@ -15,25 +15,33 @@ Sections (`--only` picks some):
   of the frozen blocks, and its cost in backward time (plus CUDA's peak on a GPU).
 - encode: encode() samples/s per modality, and the point tokenizer at 8,192 points.
 - generation: synthetic samples generated per second per modality, on one core.
+- reference: clip.py's forward (ViT-B/16 at batch 1 and 8, the default recipe's ViT at batch 128,
+  and both text towers) against a reference on the same weights: nn.MultiheadAttention, as in
+  OpenAI's ResidualAttentionBlock, and with `--openai-clip DIR` OpenAI's own model.py, imported from
+  a checkout of github.com/openai/CLIP at run time. Target: ours / reference <= 1.00.
 Models in one comparison see the same inputs and are called in turn, repeat after repeat, so
 drift in machine load hits them alike; times are medians.
 
     python bench.py --threads 1             # CPU
     python bench.py --device cuda --compile # GPU: bf16 and fp16 steps at batch 256, and torch.compile
+    python bench.py --threads 1 --only reference --openai-clip ~/src/CLIP
 """
 
 import argparse
 import copy
 import functools
+import importlib.util
 import json
 import os
 import statistics
 import time
+from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import loop
@@ -340,15 +348,142 @@ def generation_rates(size=200):
 
 
 # ----------------------------------------------------------------------------------------------
+# clip.py against a reference on the same weights
+# ----------------------------------------------------------------------------------------------
+
+class ReferenceQuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)  # as OpenAI's model.py writes it
+
+
+class ReferenceBlock(nn.Module):
+    """The block as OpenAI's ResidualAttentionBlock runs it: nn.MultiheadAttention on (L, B, W),
+    which computes attention with torch's fused scaled_dot_product_attention. Same parameter names
+    as clip.ResidualAttentionBlock, so our state dict loads into it."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", ReferenceQuickGELU()),
+                                              ("c_proj", nn.Linear(4 * width, width))]))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, x, mask):  # (L, B, W)
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class ReferenceTransformer(nn.Module):
+    """Stands in for a clip.Transformer: (B, L, W) in and out, (L, B, W) inside as in OpenAI's model."""
+
+    def __init__(self, transformer, causal):
+        super().__init__()
+        self.causal = causal
+        self.resblocks = nn.Sequential(*[ReferenceBlock(transformer.width, block.attn.heads)
+                                         for block in transformer.resblocks])
+        self.load_state_dict(transformer.state_dict())
+
+    def forward(self, x):
+        L = x.shape[1]
+        mask = torch.full((L, L), float("-inf"), dtype=x.dtype, device=x.device).triu(1) if self.causal else None
+        x = x.transpose(0, 1)
+        for block in self.resblocks:
+            x = block(x, mask)
+        return x.transpose(0, 1)
+
+
+def with_reference_transformer(model):
+    """A copy of a clip.ViT or clip.CLIP whose transformer is the nn.MultiheadAttention reference."""
+    reference = copy.deepcopy(model)
+    reference.transformer = ReferenceTransformer(model.transformer, causal=isinstance(model, CLIP))
+    return reference
+
+
+def openai_model_module(directory):
+    """clip/model.py of a checkout of github.com/openai/CLIP, imported by path (it needs only torch)."""
+    path = Path(directory).expanduser() / "clip" / "model.py"
+    if not path.is_file():
+        raise SystemExit(f"bench.py: --openai-clip {directory}: no clip/model.py there "
+                         "(give a checkout of github.com/openai/CLIP)")
+    spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# (name, tower, clip.CLIP arguments, batch, repeats multiplier): ViT-B/16 and train.py's default recipe
+REFERENCE_SHAPES = [
+    ("ViT-B/16, batch 1", "image", CONFIGS["vit_b16"]["clip"], 1, 4),
+    ("ViT-B/16, batch 8", "image", CONFIGS["vit_b16"]["clip"], 8, 1),
+    ("default ViT, batch 128", "image", CONFIGS["default"]["clip"], 128, 20),
+    ("ViT-B/16 text, batch 8", "text", CONFIGS["vit_b16"]["clip"], 8, 10),
+    ("default text, batch 128", "text", CONFIGS["default"]["clip"], 128, 20),
+]
+
+
+def reference_models(tower, config, device, openai):
+    """(ours, {reference name: model}, the configuration), all on the same weights: the ViT for "image",
+    the whole CLIP for "text" (with a small image tower: only encode_text runs)."""
+    if tower == "text":  # one head per 64 channels in the image tower, as OpenAI's CLIP fixes it
+        config = {**config, "image_resolution": 32, "vision_patch_size": 8, "vision_width": 64, "vision_layers": 1,
+                  "vision_heads": 1}
+    torch.manual_seed(0)
+    model = CLIP(**config).to(device).requires_grad_(False).eval()
+    ours = model.visual if tower == "image" else model
+    references = {"nn.MultiheadAttention": with_reference_transformer(ours)}
+    if openai is not None:
+        if tower == "image":
+            theirs = openai.VisionTransformer(config["image_resolution"], config["vision_patch_size"],
+                                              config["vision_width"], config["vision_layers"],
+                                              config["vision_heads"], config["embed_dim"])
+        else:
+            theirs = openai.CLIP(config["embed_dim"], config["image_resolution"], config["vision_layers"],
+                                 config["vision_width"], config["vision_patch_size"], config["context_length"],
+                                 config["vocab_size"], config["transformer_width"], config["transformer_heads"],
+                                 config["transformer_layers"])
+        theirs.load_state_dict(ours.state_dict())
+        references["OpenAI model.py"] = theirs.to(device).requires_grad_(False).eval()
+    return ours, references, config
+
+
+def reference_parity(device, repeats, openai_dir=None):
+    """ours / reference forward time at each REFERENCE_SHAPES entry, interleaved, without grad; the
+    outputs are checked to agree first."""
+    openai = openai_model_module(openai_dir) if openai_dir else None
+    rows = []
+    for name, tower, config, batch, more in REFERENCE_SHAPES:
+        ours, references, config = reference_models(tower, config, device, openai)
+        if tower == "image":
+            size = config["image_resolution"]
+            x = torch.randn(batch, 3, size, size, device=device)
+            calls = {"ours": lambda: ours(x), **{k: lambda m=m: m(x) for k, m in references.items()}}
+        else:  # random ids, the end-of-text token (the largest id) last: OpenAI's encode_text wants full rows
+            x = torch.randint(1, config["vocab_size"] - 1, (batch, config["context_length"]), device=device)
+            x[:, -1] = config["vocab_size"] - 1
+            calls = {"ours": lambda: ours.encode_text(x),
+                     **{k: lambda m=m: m.encode_text(x) for k, m in references.items()}}
+        with torch.no_grad():
+            expected = calls["ours"]()
+            for k in references:  # the same function, or the times mean nothing
+                torch.testing.assert_close(calls[k](), expected, rtol=1e-4, atol=1e-4, msg=f"{name}: {k}")
+            times = median_times(calls, repeats * more, device)
+        rows += [row(f"{name}: ours / {k}", times, "ours", k, "<= 1.00") for k in references]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
 def print_table(title, rows):
+    width = max(50, *(len(r["measurement"]) for r in rows))
     print(f"\n{title}")
-    print(f"{'measurement':<50} {'ms (num / den)':>18} {'ratio':>7} {'target':>8} {'met':>4}")
+    print(f"{'measurement':<{width}} {'ms (num / den)':>18} {'ratio':>7} {'target':>8} {'met':>4}")
     for r in rows:
-        ms = f"{r['ms'][0]:.0f} / {r['ms'][1]:.0f}"
-        print(f"{r['measurement']:<50} {ms:>18} {r['ratio']:>7.3f} {r['target']:>8} {'yes' if r['met'] else 'NO':>4}")
+        ms = " / ".join(f"{t:.0f}" if t >= 100 else f"{t:.1f}" for t in r["ms"])
+        print(f"{r['measurement']:<{width}} {ms:>18} {r['ratio']:>7.3f} {r['target']:>8} {'yes' if r['met'] else 'NO':>4}")
 
 
 def print_rows(title, rows):
@@ -362,7 +497,7 @@ def print_rows(title, rows):
         print("  ".join(r[k].ljust(w) for k, w in widths.items()))
 
 
-SECTIONS = ["lora_moe", "step", "memory", "encode", "generation"]
+SECTIONS = ["lora_moe", "step", "memory", "encode", "generation", "reference"]
 
 
 def main():
@@ -376,6 +511,8 @@ def main():
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); default: torch's")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="sections to run")
     parser.add_argument("--compile", action="store_true", help="also time the ViT-B/16 step under torch.compile")
+    parser.add_argument("--openai-clip", metavar="DIR", help="reference section: also time OpenAI's clip/model.py "
+                        "from DIR, a checkout of github.com/openai/CLIP")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -407,6 +544,8 @@ def main():
         results["encode"] = encode_throughput(device, repeats)
     if "generation" in args.only:
         results["generation"] = generation_rates()
+    if "reference" in args.only:
+        results["reference"] = reference_parity(device, repeats, args.openai_clip)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -420,6 +559,8 @@ def main():
     for key, title in titles.items():
         if key in results:
             print_rows(title, results[key])
+    if "reference" in results:
+        print_table("clip.py against a reference on the same weights: forward without grad (medians)", results["reference"])
 
 
 if __name__ == "__main__":
