@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange, repeat
+from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
@@ -40,11 +40,18 @@ def attention(q, k, v, causal=False):
 
     causal: query i attends to keys j <= i only (the text tower), by a -inf score for j > i.
     """
-    scores = einsum(q, k, "b h i d, b h j d -> b h i j") / math.sqrt(q.shape[-1])
+    B, H, L, d = q.shape
+    q, k, v = (t.flatten(0, 1) for t in (q, k, v))  # (B H, L, d): bmm multiplies along one batch dim
+    # baddbmm(M, q, k^T, beta=b, alpha=a) = b M + a q k^T: the 1/sqrt(d) scale is applied inside the
+    # matrix product and the causal mask M (-inf above the diagonal) is added as the scores are written;
+    # dividing and masking the (B H, L, L) scores afterwards would be passes over the largest tensor
+    # here. Without a mask, beta=0 and M (a zero) is not read.
     if causal:
-        later = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(later, float("-inf"))
-    return einsum(scores.softmax(-1), v, "b h i j, b h j d -> b h i d")
+        mask = torch.full((L, k.shape[1]), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=d ** -0.5)
+    else:
+        scores = torch.baddbmm(q.new_zeros(()), q, k.transpose(1, 2), beta=0, alpha=d ** -0.5)
+    return torch.bmm(scores.softmax(-1), v).unflatten(0, (B, H))
 
 
 class Attention(nn.Module):
