@@ -77,7 +77,10 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B, L, W)
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias) if self.in_proj is None else self.in_proj(x)
-        q, k, v = rearrange(qkv, "b l (qkv h d) -> qkv b h l d", qkv=3, h=self.heads).unbind(0)
+        # q, k, v laid out head after head in one copy (none at batch 1), so that attention's batched
+        # matmuls need no copies of their own: one pass over qkv instead of three smaller ones
+        qkv = rearrange(qkv, "b l (qkv h d) -> qkv (b h) l d", qkv=3, h=self.heads)
+        q, k, v = qkv.unflatten(1, (-1, self.heads)).unbind(0)  # (B, H, L, d) each
         x = attention(q, k, v, self.causal)
         return self.out_proj(rearrange(x, "b h l d -> b l (h d)"))
 
