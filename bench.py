@@ -15,14 +15,15 @@ Sections (`--only` picks some):
   of the frozen blocks, and its cost in backward time (plus CUDA's peak on a GPU).
 - encode: encode() samples/s per modality, and the point tokenizer at 8,192 points.
 - generation: synthetic samples generated per second per modality, on one core.
-- params: UniAlign's trainable parameters at ViT-B/16, E = 4, r = 8, the seven extended modalities
-  at the README's real-data sizes, by part and for both --router-scope settings, beside the
-  paper's 7.8M; counted from shapes on the meta device (no weights, no time).
-Models in one comparison see the same inputs and are called in turn, repeat after repeat, so
+- recipe: `train.py --preset P` end to end as a user runs it, a first run (the cache empty) and a
+  rerun (the cache warm), per stage, with its mean top-1; with `--baseline DIR` interleaved with the
+  same preset of other code (a checkout of an earlier commit), for ratios.
+paper_scale.py holds this code at ViT-B/16: its trainable parameters, and clip.py against OpenAI's
+model on the same weights. Models in one comparison see the same inputs and are called in turn, repeat after repeat, so
 drift in machine load hits them alike; times are medians.
 
     python bench.py --threads 1             # CPU
-    python bench.py --only params           # trainable parameters at the paper's scale, in a second
+    python bench.py --only recipe --presets course --baseline ../previous-commit
     python bench.py --device cuda --compile # GPU: bf16 and fp16 steps at batch 256, and torch.compile
 """
 
@@ -40,18 +41,14 @@ import time
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-
 from torch.utils.flop_counter import FlopCounterMode
 
-import config
 import loop
 import train
 from clip import CLIP, ViT
-from data import MixedBatchSampler, MixedDataset, SyntheticDataset, collate, sizes_of
-from encoder import UniAlign
+from data import MixedBatchSampler, MixedDataset, SyntheticDataset, collate
 from lora_moe import LoRAMoELinear, add_lora_moe
-from modalities import MODALITIES, extended
-from preprocess import HOP, SAMPLE_RATE, WINDOW
+from modalities import extended
 from tokenizers import PointCloudTokenizer, farthest_point_sampling
 
 # ----------------------------------------------------------------------------------------------
@@ -407,69 +404,16 @@ def generation_rates(size=200):
 
 
 # ----------------------------------------------------------------------------------------------
-# Trainable parameters at the paper's scale, from shapes alone
-# ----------------------------------------------------------------------------------------------
-
-PAPER_TRAINABLE = 7.8e6  # the paper's count for UniAlign at ViT-B/16, E = 4, r = 8
-# the sizes of the README's real-data command (section "Real CLIP weights and real data"), at ViT-B/16's 224 px;
-# the rest (E = 4, r = 8, k = 2, all four linears, imu 128 and eeg 16 x 128 samples) are train.py's defaults
-REAL_DATA_FLAGS = ["--image-size", "224", "--frames", "8", "--audio-seconds", "5", "--points", "8192",
-                   "--point-groups", "512", "--point-neighbours", "32"]
-
-
-def input_shapes(sizes):
-    """The tensor each extended modality's preprocessing delivers at `sizes` (modalities.py), by shape only."""
-    s, seconds = sizes["image_size"], sizes["audio_seconds"]
-    return {"video": (sizes["frames"], 3, s, s),
-            "audio": (1, 128, (round(seconds * SAMPLE_RATE) - WINDOW) // HOP + 1),  # preprocess.log_mel's frames
-            "point": (sizes["points"], sizes["point_channels"]), "depth": (1, s, s), "tactile": (3, s, s),
-            "imu": (6, sizes["imu_length"]), "eeg": (sizes["eeg_channels"], sizes["eeg_length"])}
-
-
-def paper_scale_parameters(router_scope, flags=REAL_DATA_FLAGS):
-    """UniAlign's trainable parameters at ViT-B/16 for the seven extended modalities: {part: count},
-    each tokenizer apart, then tokenizers, experts, routers and total (UniAlign.count_trainable).
-
-    Built on the meta device: tensors have shapes and no storage, so ViT-B/16 costs nothing."""
-    args = config.get_args(flags)
-    sizes = sizes_of(vars(args))
-    shapes = input_shapes(sizes)
-    settings = {m: MODALITIES[m].settings(shape, sizes) for m, shape in shapes.items()}
-    with torch.device("meta"):
-        model = UniAlign(CLIP(**CONFIGS["vit_b16"]["clip"]), list(shapes), settings, experts=args.experts,
-                         rank=args.rank, top_k=args.top_k, alpha=args.lora_alpha, targets=tuple(args.adapt),
-                         router_scope=router_scope)
-    counts = {f"tokenizer {m}": sum(p.numel() for p in model.tokenizers[m].parameters()) for m in shapes}
-    return {**counts, **model.count_trainable()}, shapes
-
-
-def trainable_parameters():
-    """The params section: both router scopes side by side, with the input shapes they were counted at."""
-    (linear, shapes), (block, _) = paper_scale_parameters("linear"), paper_scale_parameters("block")
-    return {"inputs": {m: "x".join(map(str, shape)) for m, shape in shapes.items()},
-            "counts": [{"part": part, "linear": linear[part], "block": block[part]} for part in linear],
-            "paper": PAPER_TRAINABLE}
-
-
-def print_parameters(result):
-    print("\nUniAlign's trainable parameters at ViT-B/16 (width 768, 12 blocks), E = 4, r = 8, all four linears "
-          "adapted;\ninputs " + ", ".join(f"{m} {shape}" for m, shape in result["inputs"].items()))
-    print(f"{'part':<20} {'--router-scope linear':>22} {'--router-scope block':>22}")
-    for r in result["counts"]:
-        print(f"{r['part']:<20} {r['linear']:>22,} {r['block']:>22,}")
-    print(f"{'the paper':<20} {result['paper'] / 1e6:>21.1f}M {'':>22}")
-
-
-# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
 def print_table(title, rows):
+    width = max(50, *(len(r["measurement"]) for r in rows))
     print(f"\n{title}")
-    print(f"{'measurement':<50} {'ms (num / den)':>18} {'ratio':>7} {'target':>8} {'met':>4}")
+    print(f"{'measurement':<{width}} {'ms (num / den)':>18} {'ratio':>7} {'target':>8} {'met':>4}")
     for r in rows:
-        ms = f"{r['ms'][0]:.0f} / {r['ms'][1]:.0f}"
-        print(f"{r['measurement']:<50} {ms:>18} {r['ratio']:>7.3f} {r['target']:>8} {'yes' if r['met'] else 'NO':>4}")
+        ms = " / ".join(f"{t:.0f}" if t >= 100 else f"{t:.1f}" for t in r["ms"])
+        print(f"{r['measurement']:<{width}} {ms:>18} {r['ratio']:>7.3f} {r['target']:>8} {'yes' if r['met'] else 'NO':>4}")
 
 
 def print_rows(title, rows):
@@ -483,7 +427,7 @@ def print_rows(title, rows):
         print("  ".join(r[k].ljust(w) for k, w in widths.items()))
 
 
-SECTIONS = ["lora_moe", "step", "memory", "encode", "generation", "params", "recipe"]
+SECTIONS = ["lora_moe", "step", "memory", "encode", "generation", "recipe"]
 
 
 def main():
@@ -531,8 +475,6 @@ def main():
         results["encode"] = encode_throughput(device, repeats)
     if "generation" in args.only:
         results["generation"] = generation_rates()
-    if "params" in args.only:
-        results["params"] = trainable_parameters()
     if "recipe" in args.only:
         results["recipe"] = recipe_times(args.presets, args.repeats or 3, args.baseline)
     if args.json:
@@ -549,8 +491,6 @@ def main():
     for key, title in titles.items():
         if key in results:
             print_rows(title, results[key])
-    if "params" in results:
-        print_parameters(results["params"])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Tests for bench.py's params section: UniAlign's trainable parameters at ViT-B/16 (E = 4, r = 8),
+"""Tests for paper_scale.py's params section: UniAlign's trainable parameters at ViT-B/16 (E = 4, r = 8),
 counted from shapes on the meta device, by part and for both router scopes, beside the paper's 7.8M."""
 
-import bench
+import paper_scale
 
 WIDTH, BLOCKS, E, R = 768, 12, 4, 8
 LINEARS = {"in_proj": (WIDTH, 3 * WIDTH), "out_proj": (WIDTH, WIDTH), "c_fc": (WIDTH, 4 * WIDTH),
@@ -10,8 +10,8 @@ MODALITIES = 7
 
 
 def test_vit_b16_counts_by_hand():
-    linear, shapes = bench.paper_scale_parameters("linear")
-    block, _ = bench.paper_scale_parameters("block")
+    linear, shapes = paper_scale.paper_scale_parameters("linear")
+    block, _ = paper_scale.paper_scale_parameters("block")
     assert shapes["audio"] == (1, 128, 498) and shapes["video"] == (8, 3, 224, 224) and shapes["point"] == (8192, 3)
     experts = BLOCKS * sum(E * R * (i + o) for i, o in LINEARS.values())  # A (E*r, in) and B (out, E*r)
     assert linear["experts"] == block["experts"] == experts == 4_718_592
@@ -29,8 +29,8 @@ def test_vit_b16_counts_by_hand():
 
 
 def test_the_params_section_prints_both_scopes_beside_the_paper(capsys):
-    result = bench.trainable_parameters()
-    bench.print_parameters(result)
+    result = paper_scale.trainable_parameters()
+    paper_scale.print_parameters(result)
     out = capsys.readouterr().out
     total = next(r for r in result["counts"] if r["part"] == "total")
     assert f"{total['linear']:,}" in out and f"{total['block']:,}" in out and "7.8M" in out
