@@ -332,7 +332,7 @@ def run_recipe(code, preset, out, cache):
     with open(os.path.join(out, "log.jsonl")) as f:
         for record in map(json.loads, f):
             stages[record["stage"]] = record.get("seconds", 0.0)  # the stage's last record: its whole time
-    kinds = {}
+    kinds = dict.fromkeys(("anchor", "prior", "specialist", "unialign"), 0.0)  # a reused stage takes 0 s
     for stage, seconds in stages.items():
         kinds[stage.split(":")[0]] = kinds.get(stage.split(":")[0], 0.0) + seconds
     with open(os.path.join(out, "metrics.json")) as f:
@@ -356,6 +356,7 @@ def recipe_times(presets, repeats, baseline=None):
                 turns += [("baseline", baseline)] if baseline else []
                 for kind, code in turns:
                     result = run_recipe(code or turns[0][1], preset, os.path.join(scratch, f"{kind}{r}"), cache)
+                    print(f"{preset} {kind} {r}: " + json.dumps({k: round(v, 2) for k, v in result.items()}), flush=True)
                     if kind not in best or result["wall"] < best[kind]["wall"]:
                         best[kind] = result
         for kind, result in best.items():
@@ -421,10 +422,11 @@ def print_rows(title, rows):
     print(f"\n{title}")
     flat = [{k: (" ".join(f"{a} {b:.1f}" for a, b in v.items()) if isinstance(v, dict) else
                  "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)) for k, v in r.items()} for r in rows]
-    widths = {k: max(len(k), *(len(r[k]) for r in flat)) for k in flat[0]}
+    keys = list(dict.fromkeys(k for r in flat for k in r))
+    widths = {k: max(len(k), *(len(r.get(k, "-")) for r in flat)) for k in keys}
     print("  ".join(k.ljust(w) for k, w in widths.items()))
     for r in flat:
-        print("  ".join(r[k].ljust(w) for k, w in widths.items()))
+        print("  ".join(r.get(k, "-").ljust(w) for k, w in widths.items()))
 
 
 SECTIONS = ["lora_moe", "step", "memory", "encode", "generation", "recipe"]
