@@ -2,11 +2,19 @@
 are built once, by the first run that needs them, and reused by every later one, in this process
 and in the processes tests start); one smoke run of the whole recipe, made once per session and
 reused by every test that needs a finished run; and one uninterrupted 12-step UniAlign on its
-stages, the state every interrupted and resumed run must end in."""
+stages, the state every interrupted and resumed run must end in.
+
+The session runs on one thread, and so do the processes it starts (OMP_NUM_THREADS is set before
+torch is imported): the tests' models are tiny, so a second thread buys little; a process that
+never started a thread pool can fork copies of itself safely (test_train.forked); and a run's
+bits depend on its thread count, so every run of the suite compares like with like.
+"""
 
 import os
 
-import pytest
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

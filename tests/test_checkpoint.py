@@ -14,7 +14,7 @@ import torch
 import loop
 import train
 from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint
-from test_train import FLAGS, ROOT, run, trainable_state, with_finished_stages
+from test_train import FLAGS, ROOT, forked, run, trainable_state, with_finished_stages
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "flipped"])
@@ -58,7 +58,7 @@ def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_state(smoke, 
     flags = [*FLAGS, "--ckpt-every", "1"]
     killed = with_finished_stages(smoke, tmp_path / "killed")
     for delay in (0.0, 0.7, 1.3):
-        proc = run("train.py", *flags, "--out", str(killed), *(["--resume"] if (killed / "ckpt.pt").exists() else []))
+        proc = forked(*flags, "--out", str(killed), *(["--resume"] if (killed / "ckpt.pt").exists() else []))
         deadline = time.time() + 120
         while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)

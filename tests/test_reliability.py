@@ -25,7 +25,7 @@ import loop
 import train
 from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, save_checkpoint, temp_files
 from config import RUN_ONLY
-from test_train import FLAGS, STAGES, run, trainable_state, with_finished_stages
+from test_train import FLAGS, STAGES, forked, run, trainable_state, with_finished_stages
 
 
 def started(out, proc, stage="unialign", timeout=120):
@@ -61,7 +61,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_in_one_line(tmp_path, monkey
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(smoke, uninterrupted, tmp_path, capsys):
     out = with_finished_stages(smoke, tmp_path / "run")
-    proc = run("train.py", *FLAGS, "--log-every", "1", "--out", str(out))  # its first checkpoint is at step 12
+    proc = forked(*FLAGS, "--log-every", "1", "--out", str(out))  # its first checkpoint is at step 12
     started(out, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

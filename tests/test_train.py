@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,57 @@ FLAGS = ["--preset", "smoke", "--steps", "12", "--no-eval"]  # runs interrupted 
 def run(*args, **kw):
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kw)
+
+
+class forked:
+    """`train.main(argv)` in a forked copy of this process: a real process, which tests signal and
+    kill for real, without the second or two a new interpreter takes to import torch. Safe because
+    the test session never starts a thread pool (conftest: one thread). Its output (stdout and
+    stderr) is read with `communicate`, its exit code as `python train.py` would give it."""
+
+    def __init__(self, *argv):
+        read, write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: run, then leave without pytest's teardown
+            os.close(read)
+            sys.stdout = sys.stderr = os.fdopen(write, "w", buffering=1)
+            code = 1
+            try:
+                train.main(list(argv))
+                code = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else print(stop.code, file=sys.stderr) or 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        os.close(write)
+        self.output, self.returncode = os.fdopen(read), None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def send_signal(self, signum):
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout=None):
+        text = self.output.read()
+        self.wait()
+        return text, None
 
 
 def with_finished_stages(smoke, out):
@@ -86,7 +138,7 @@ def test_unialign_does_not_depend_on_how_earlier_stages_were_obtained(smoke, tmp
 def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, uninterrupted, tmp_path):
     flags = [*FLAGS, "--ckpt-every", "2"]
     killed = with_finished_stages(smoke, tmp_path / "killed")
-    proc = run("train.py", *flags, "--out", str(killed))
+    proc = forked(*flags, "--out", str(killed))
     deadline = time.time() + 120
     while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
