@@ -132,8 +132,8 @@ def routing_entropy(model, dataset, device, chunk=128):
         return -(p * p.clamp_min(1e-12).log()).sum(-1).sum().item()
 
     def record(i):
-        def hook(adapter, inputs, output):
-            x = inputs[0].float()
+        def hook(adapter, inputs, output):  # the router's input: the linear's, or its block's ln_1(x) (router_scope "block")
+            x = (inputs[0] if adapter.router_input is None else adapter.router_input.read()).float()
             totals[0, i] += entropy(F.linear(x, adapter.routers[m].weight.float(), adapter.routers[m].bias.float()))
             totals[1, i] += entropy(untrained[i](x))
             tokens[i] += x[..., 0].numel()

@@ -195,3 +195,39 @@ def test_merged_scores_each_modality_with_its_own_update_folded_in_and_leaves_th
     text = evaluation.class_embeddings(clip, bpe, evaluation.MODALITIES["depth"].prompts, depth.class_names, "cpu")
     assert merged["unialign"]["merged_top1"]["depth"] == evaluation.zero_shot(z, labels, text)["top1"]
     assert "UniAlign merged" in (out / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("scope", ["linear", "block"])
+def test_routing_entropy_is_the_entropy_of_what_each_router_reads(scope):
+    """With dense routing (k = E) the gates are the routing distribution itself: routing_entropy's
+    trained entropies are those of the gates `route` returns, per layer, whether a router reads its
+    linear's input or its block's ln_1(x)."""
+    from test_encoder import SETTINGS, UNIALIGN_INPUTS, tiny_clip
+    from encoder import UniAlign
+
+    model = UniAlign(tiny_clip(), list(UNIALIGN_INPUTS), SETTINGS, experts=3, rank=4, top_k=3, router_scope=scope).eval()
+    with torch.no_grad():
+        for adapter in model.adapters:
+            for router in adapter.routers.values():
+                router.weight.normal_()
+    gates = {id(a): [] for a in model.adapters}
+    for adapter in model.adapters:
+        route = adapter.route
+        adapter.route = lambda x, m, route=route, keep=gates[id(adapter)]: keep.append(route(x, m)) or keep[-1]
+    g = torch.Generator().manual_seed(3)
+
+    class Set:
+        modality = "imu"
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return {"input": torch.randn(*UNIALIGN_INPUTS["imu"], generator=g)}
+
+    with torch.no_grad():
+        result = evaluation.routing_entropy(model, Set(), "cpu")
+    entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1).mean().item()
+    per_adapter = [entropy(torch.cat([x.flatten(0, -2) for x in gates[id(a)]])) for a in model.adapters]
+    per_layer = [sum(per_adapter[4 * k:4 * k + 4]) / 4 for k in range(len(per_adapter) // 4)]
+    assert result["trained"] == pytest.approx(per_layer, rel=1e-4)
