@@ -173,3 +173,28 @@ def test_with_clip_token_positions_image_like_inputs_start_as_clips_images():
     assert not torch.equal(default.tokenizers["depth"].positional_embedding, model.tokenizers["depth"].positional_embedding)
     with pytest.raises(ValueError, match="token_positions"):
         tiny_unialign(token_positions="learned")
+
+
+def test_modalities_of_equal_token_counts_share_one_pass_each_routed_by_its_own_router():
+    """depth (16 patches) and point (16 groups) go through the frozen blocks together, imu (5 tokens)
+    alone: every row as if encoded alone, with its own modality's router statistics (Eq. 3)."""
+    settings = {**SETTINGS, "point": {"points": 64, "groups": 16, "neighbours": 8}}
+    model = UniAlign(tiny_clip(), list(UNIALIGN_INPUTS), settings, experts=3, rank=4, top_k=2).eval()
+    with torch.no_grad():
+        for adapter in model.adapters:
+            adapter.lora_B.normal_()
+            for router in adapter.routers.values():
+                router.weight.normal_()
+    passes = []
+    model.clip.visual.transformer.register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
+    batch = {m: x[:2] for m, x in unialign_batch().items()}
+    batch["point"] = torch.cat([batch["point"], unialign_batch(seed=5)["point"]])  # 2 depth, 4 point rows
+    with torch.no_grad():
+        z, stats = model(batch)
+        assert sorted(passes) == [2, 6]  # imu alone; depth and point in one pass of 2 + 4 rows
+        for m, x in batch.items():
+            alone, alone_stats = model.encode(m, x)
+            torch.testing.assert_close(z[m], alone, rtol=1e-5, atol=1e-6, msg=m)
+            for s, t in zip(stats[m], alone_stats):
+                torch.testing.assert_close(s["P"], t["P"], rtol=1e-5, atol=1e-6, msg=m)
+                assert torch.equal(s["f"], t["f"]), m
