@@ -31,8 +31,9 @@ from einops import reduce
 import figures
 from checkpoint import CheckpointError
 from config import get_args
-from data import ManifestDataset, SampleError, build_datasets, nearest_class_mean_top1, sizes_of
+from data import build_datasets, nearest_class_mean_top1, sizes_of
 from encoder import embed, encode_texts, load_model, load_run
+from manifest import ManifestDataset, SampleError
 from modalities import MODALITIES
 
 # ----------------------------------------------------------------------------- metrics

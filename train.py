@@ -44,16 +44,17 @@ from checkpoint import (CheckpointError, check_writable, load_checkpoint, lock_r
 from config import check_settings, get_args, stage_settings
 from clip import CLIP, load_openai_clip
 from cache import cached, default_folder
-from data import WORLD_CODE, Captioned, SampleError, build_datasets, sizes_of
+from data import WORLD_CODE, Captioned, build_datasets, sizes_of
 from encoder import UniAlign, embed, encode_texts, load_anchor, load_model
 from loop import Interrupted, log, rank_and_world, stage_seed, stop_on_signals, train_loop
 from losses import gather_with_grad, hard_targets, soft_binding_loss, soft_targets, unialign_loss
+from manifest import SampleError
 from modalities import MODALITIES, extended
 
 # The code the world's anchor CLIP and prior model are computed by: their cache entries are rebuilt
 # when any of it changes.
-TRAINING_CODE = WORLD_CODE + ["bpe.py", "clip.py", "encoder.py", "lora_moe.py", "loop.py", "losses.py", "tokenizers.py",
-                              "train.py"]
+TRAINING_CODE = WORLD_CODE + ["bpe.py", "clip.py", "encoder.py", "lora_moe.py", "loop.py", "losses.py", "manifest.py",
+                              "tokenizers.py", "train.py"]
 
 # ----------------------------------------------------------------------------- the run folder
 
