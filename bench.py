@@ -49,6 +49,7 @@ from clip import CLIP, ViT
 from data import MixedBatchSampler, MixedDataset, SyntheticDataset, collate
 from lora_moe import LoRAMoELinear, add_lora_moe
 from modalities import extended
+from objectives import unialign_objective
 from tokenizers import PointCloudTokenizer, farthest_point_sampling
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def unialign_step_setup(name, device, batch):
         torch.nn.init.normal_(adapter.lora_B, std=1e-3)
     texts = {t for ds in sets.values() for t in ds.captions}
     text_of = dict(zip(sorted(texts), F.normalize(torch.randn(len(texts), clip.visual.output_dim, device=device), dim=-1)))
-    loss = train.unialign_objective(clip, lambda ts: torch.stack([text_of[t] for t in ts]), args)
+    loss = unialign_objective(clip, lambda ts: torch.stack([text_of[t] for t in ts]), args)
     params = [p for p in model.parameters() if p.requires_grad]
     sampler = MixedBatchSampler([len(d) for d in sets.values()], batch, args.alpha_sampling)
     loader = torch.utils.data.DataLoader(MixedDataset(list(sets.values())), batch_sampler=sampler, collate_fn=collate,
