@@ -4,6 +4,7 @@
 A stage's objective is a function loss(model, batch) -> (loss, parts), which loop.train_loop calls
 on each mixed batch (data.collate): the model embeds each modality's rows, `scatter_groups` puts
 them back in batch order, and the terms of losses.py see the whole global batch under DDP.
+- `anchor_objective`: the world's anchor CLIP's, Eq. 5 between its own two towers;
 - `specialist_objective`: a specialist's or a prior model's, Eq. 5 against frozen text only;
 - `unialign_objective`: the UniAlign stage's, Eq. 10 with captions, anchor images and priors;
 - the targets, computed once: `TextCache` (the frozen text tower's caption embeddings) and
@@ -31,6 +32,18 @@ def caption_ids(texts):
     """(B,) ids of captions, equal for equal captions: what hard targets (plain contrastive) compare."""
     ids = {c: k for k, c in enumerate(dict.fromkeys(texts))}
     return torch.tensor([ids[c] for c in texts])
+
+
+def anchor_objective(bpe, context_length, device):
+    """The anchor CLIP's batch -> Eq. 5 between its own image and text towers, both trained, the
+    targets (Eq. 4) hard: identical captions are the positives (docs/method.md section 3 says why)."""
+    def loss(model, batch):
+        ids = bpe(batch["text"], context_length=context_length, truncate=True).to(device)
+        z = F.normalize(model.encode_image(batch["inputs"]["image"]), dim=-1)
+        t = F.normalize(model.encode_text(ids), dim=-1)
+        y = hard_targets(caption_ids(batch["text"]).to(device))
+        return soft_binding_loss(z, t, y, 1 / model.logit_scale.exp(), beta=0.0)
+    return loss
 
 
 def specialist_objective(text_of, tau, args):

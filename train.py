@@ -34,7 +34,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import eval as evaluation
@@ -47,10 +46,9 @@ from cache import cached, default_folder
 from data import WORLD_CODE, Captioned, build_datasets, sizes_of
 from encoder import UniAlign, embed, load_anchor, load_model
 from loop import Interrupted, log, rank_and_world, stage_seed, stop_on_signals, train_loop
-from losses import hard_targets, soft_binding_loss
 from manifest import SampleError
 from modalities import MODALITIES, extended
-from objectives import TextCache, WithPrior, caption_ids, specialist_objective, unialign_objective
+from objectives import TextCache, WithPrior, anchor_objective, specialist_objective, unialign_objective
 
 # The code the world's anchor CLIP and prior model are computed by: their cache entries are rebuilt
 # when any of it changes.
@@ -168,16 +166,8 @@ def pretrain_anchor(args, images, bpe_path, path):
     torch.manual_seed(stage_seed(args.world_seed, "anchor"))
     clip = CLIP(**config).to(args.device)
     log(f"anchor CLIP: {sum(p.numel() for p in clip.parameters()):,} parameters, all trained")
-
-    def loss(model, batch):
-        ids = bpe(batch["text"], context_length=clip.context_length, truncate=True).to(args.device)
-        z = F.normalize(model.encode_image(batch["inputs"]["image"]), dim=-1)
-        t = F.normalize(model.encode_text(ids), dim=-1)
-        y = hard_targets(caption_ids(batch["text"]).to(args.device))
-        return soft_binding_loss(z, t, y, 1 / model.logit_scale.exp(), beta=0.0)
-
-    train_loop("anchor", clip, loss, [images], args.anchor_steps, args.anchor_batch, args.anchor_lr, args,
-               distributed=False, seed=args.world_seed)
+    train_loop("anchor", clip, anchor_objective(bpe, clip.context_length, args.device), [images], args.anchor_steps,
+               args.anchor_batch, args.anchor_lr, args, distributed=False, seed=args.world_seed)
     save_checkpoint({"config": config, "state_dict": clip.state_dict(), "step": args.anchor_steps,
                      "settings": stage_settings(args, "anchor")}, path)
 
