@@ -7,7 +7,7 @@ first one raises `Interrupted`, at once outside `train_loop`; inside it, after t
 which every rank agrees on and a checkpoint saves. Later ones, until the run has stopped, are ignored.
 
 `train_loop(stage, model, loss_fn, datasets, ...)` knows nothing about UniAlign: `loss_fn(model,
-batch) -> (loss, parts)` is the stage's objective (train.py), the batches mix `datasets` as
+batch) -> (loss, parts)` is the stage's objective (objectives.py), the batches mix `datasets` as
 data.MixedBatchSampler draws them.
 """
 import contextlib

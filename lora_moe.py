@@ -137,9 +137,9 @@ class LoRAMoELinear(nn.Module):
             self.stats[modality] = {"f": f, "P": rearrange(probs, "... e -> (...) e").mean(0)}
         if self.training:
             with torch.no_grad():
-                i = self.modalities.index(modality)
-                self.gate_sum[i] += rearrange(gates, "... e -> (...) e").sum(0).to(self.gate_sum.dtype)
-                self.token_count[i] += gates.numel() // self.experts
+                row = self.modalities.index(modality)
+                self.gate_sum[row] += rearrange(gates, "... e -> (...) e").sum(0).to(self.gate_sum.dtype)
+                self.token_count[row] += gates.numel() // self.experts
         return gates
 
     def add_expert_update(self, y, x, gates):

@@ -6,10 +6,10 @@ caption templates, and how the synthetic world generates it. Everything else is 
 `MODALITIES`: the list of extended modalities, the prompts, the readers, the tokenizers. Adding a
 modality is one `register(name, Modality(...))`.
 
-`sizes` is the dict of input sizes of a run (data.sizes_of): image_size, frames, audio_seconds,
-points, point_channels, point_groups, point_neighbours, imu_length, eeg_channels, eeg_length,
-series_kernel, depth_format (how a 16-bit depth PNG stores depth: readers.read_depth_metres), and
-seed (the resampling seed of point clouds).
+`sizes` is the dict of input sizes of a run (data.sizes_of; DEFAULT_SIZES without a run):
+image_size, frames, audio_seconds, points, point_channels, point_groups, point_neighbours,
+imu_length, eeg_channels, eeg_length, series_kernel, depth_format (how a 16-bit depth PNG stores
+depth: readers.read_depth_metres), and seed (the resampling seed of point clouds).
 """
 
 from dataclasses import dataclass
@@ -21,6 +21,12 @@ import preprocess
 import readers
 import tokenizers
 import world
+
+
+# The input sizes of a run (train.py's defaults); each modality below says which of them it uses.
+DEFAULT_SIZES = dict(image_size=32, frames=4, audio_seconds=0.5, points=256, point_channels=3, point_groups=32,
+                     point_neighbours=16, imu_length=128, eeg_channels=16, eeg_length=128, series_kernel=8, seed=0,
+                     depth_format="mm")
 
 
 @dataclass(frozen=True)

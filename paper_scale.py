@@ -7,7 +7,7 @@
   and both text towers) against a reference on the same weights: nn.MultiheadAttention, as in
   OpenAI's ResidualAttentionBlock, and with `--openai-clip DIR` OpenAI's own model.py, imported from
   a checkout of github.com/openai/CLIP at run time. Target: ours / reference <= 1.00, the models
-  called in turn, repeat after repeat (bench.median_times).
+  called in turn, repeat after repeat (timing.median_times).
 
     python paper_scale.py --only params
     python paper_scale.py --threads 1 --only reference --openai-clip ~/src/CLIP
@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 import config
-from bench import CONFIGS, median_times, print_table, row
 from clip import CLIP
 from data import sizes_of
 from encoder import UniAlign
 from modalities import MODALITIES
 from preprocess import HOP, SAMPLE_RATE, WINDOW
+from timing import CONFIGS, median_times, print_table, row
 
 # ----------------------------------------------------------------------------------------------
 # Trainable parameters at the paper's scale, from shapes alone

@@ -4,7 +4,7 @@ the standard library only.
 Images (anything Pillow decodes), WAV (8/16/24/32-bit PCM and float, mono or stereo, any rate),
 point clouds (.npy, .npz, .txt/.xyz, ascii and binary .ply, .off), depth (16-bit PNG in millimetres
 as NYU Depth v2 stores it, or in SUN RGB-D's bit-rotated layout; 8-bit PNG; .npy in metres), video (a folder of frames, an animated GIF/WebP, a .npy array) and time series
-(.npy, .csv). A reader raises ValueError saying what is wrong with the file; data.ManifestDataset
+(.npy, .csv). A reader raises ValueError saying what is wrong with the file; manifest.ManifestDataset
 adds the manifest, the line and the file to the message.
 """
 

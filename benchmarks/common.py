@@ -1,7 +1,7 @@
 """What every prepare script shares: refusing a tree in one line, writing manifests, class names and
 prompts, and the summary of what was written and what was skipped, and why.
 
-A prepare script turns a dataset as it is downloaded into manifests that data.ManifestDataset
+A prepare script turns a dataset as it is downloaded into manifests that manifest.ManifestDataset
 reads (docs/method.md section 6), plus DIR/classes.txt (one class name a line, in the benchmark's
 official order) and, where the literature fixed them, DIR/prompts.txt (one template a line, {} for
 the class name), for `eval.py --ckpt RUN/ckpt.pt --data DIR/NAME.jsonl --classes @DIR/classes.txt

@@ -1,5 +1,5 @@
 """Tests for benchmarks/: fake trees in each official layout, with real file formats, become
-manifests that data.ManifestDataset reads, with the official splits, labels and class order; a
+manifests that manifest.ManifestDataset reads, with the official splits, labels and class order; a
 tree that is not the layout is refused in one line; a smoke-trained run is evaluated on them."""
 
 import csv
@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-import data
 from benchmarks import esc50, folder, modelnet40
+from manifest import ManifestDataset
 from test_readers import write_wav
 from test_train import ROOT
 
@@ -41,7 +41,7 @@ def fake_esc50(root, missing=()):
 def test_esc50_zero_shot_puts_every_clip_in_test_with_official_class_order(tmp_path):
     fake_esc50(tmp_path / "ESC-50")
     esc50.main([str(tmp_path / "ESC-50"), "--out", str(tmp_path / "out")])
-    ds = data.ManifestDataset(tmp_path / "out" / "esc50.jsonl", split="test", audio_seconds=0.2)
+    ds = ManifestDataset(tmp_path / "out" / "esc50.jsonl", split="test", audio_seconds=0.2)
     assert len(ds) == 10 and ds.modality == "audio" and ds[0]["input"].shape == (1, 128, 18)
     assert (tmp_path / "out" / "classes.txt").read_text().split("\n")[:3] == ["dog", "rooster", "chirping birds"]
     assert "{}" in (tmp_path / "out" / "prompts.txt").read_text()
@@ -89,7 +89,7 @@ def test_modelnet40_lists_become_train_and_test_manifests(tmp_path, normals):
     channels = 6 if normals else 3
     assert (tmp_path / "out" / "settings.txt").read_text().strip() == f"--point-channels {channels}"
     for split, ids in splits.items():
-        ds = data.ManifestDataset(tmp_path / "out" / "modelnet40.jsonl", split=split, points=32, point_channels=channels)
+        ds = ManifestDataset(tmp_path / "out" / "modelnet40.jsonl", split=split, points=32, point_channels=channels)
         assert len(ds) == len(ids) and ds[0]["input"].shape == (32, channels)
         assert sorted(ds.class_names) == ["airplane", "bathtub", "night stand"]
     assert (tmp_path / "out" / "classes.txt").read_text().splitlines() == ["airplane", "night stand", "bathtub"]
@@ -113,7 +113,7 @@ def test_a_folder_tree_with_and_without_train_and_test(tmp_path):
         (root / ("train/cat" if layout == "split" else "cat") / "notes.md").write_text("not a point cloud")
         folder.main([str(root), "--modality", "point", "--out", str(tmp_path / f"out_{layout}"), "--test-fraction", "0.4"])
         manifest = tmp_path / f"out_{layout}" / f"{layout}.jsonl"
-        sizes = {s: len(data.ManifestDataset(manifest, split=s, points=16)) for s in ("train", "test")}
+        sizes = {s: len(ManifestDataset(manifest, split=s, points=16)) for s in ("train", "test")}
         assert sizes == {"train": 6, "test": 4}, layout
         assert "notes.md: not a point file" in (tmp_path / f"out_{layout}" / "skipped.log").read_text()
     flat = [json.loads(line)["split"] for line in (tmp_path / "out_flat" / "flat.jsonl").read_text().splitlines()]

@@ -1,5 +1,5 @@
-"""Tests for data.py: manifests are checked at open and bad samples named or skipped, labels become
-prompts, and batches mix datasets reproducibly, sharded across ranks."""
+"""Tests for manifest.py and data.py: manifests are checked at open and bad samples named or
+skipped, labels become prompts, and batches mix datasets reproducibly, sharded across ranks."""
 
 import json
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+from manifest import ManifestDataset, SampleError
 from test_readers import write_manifest
 
 
@@ -21,8 +22,8 @@ from test_readers import write_manifest
 def test_manifest_problems_raise_at_open(tmp_path, line, message):
     np.save(tmp_path / "x.npy", np.ones((10, 3)))
     path = write_manifest(tmp_path, [{"modality": "point", "path": "x.npy", "label": "a"}, line])
-    with pytest.raises(data.SampleError, match=rf"set\.jsonl: line 2: .*{message}"):
-        data.ManifestDataset(path)
+    with pytest.raises(SampleError, match=rf"set\.jsonl: line 2: .*{message}"):
+        ManifestDataset(path)
 
 
 def test_skip_mode_counts_logs_and_warns(tmp_path):
@@ -32,12 +33,12 @@ def test_skip_mode_counts_logs_and_warns(tmp_path):
             {"modality": "point", "path": "empty.npy", "label": "b"},
             {"modality": "point", "path": "gone.npy", "label": "c"}]
     with pytest.warns(UserWarning, match="skipped 3 bad samples"):
-        ds = data.ManifestDataset(write_manifest(tmp_path, rows), on_bad="skip", points=16)
+        ds = ManifestDataset(write_manifest(tmp_path, rows), on_bad="skip", points=16)
     assert len(ds) == 1 and ds.skipped == 3 and ds.class_names == ["a"]
     log = ds.bad_log.read_text()
     assert "line 2" in log and "line 3: empty.npy: point cloud has 0 points" in log and "line 4" in log
-    with pytest.raises(data.SampleError, match=r"line 2: empty\.npy: point cloud has 0 points"):
-        data.ManifestDataset(write_manifest(tmp_path, [rows[0], rows[2]]), points=16)[1]
+    with pytest.raises(SampleError, match=r"line 2: empty\.npy: point cloud has 0 points"):
+        ManifestDataset(write_manifest(tmp_path, [rows[0], rows[2]]), points=16)[1]
 
 
 # ---------- mixed batches ----------
@@ -100,9 +101,9 @@ def test_collate_positions_rebuild_batch_order():
 
 def test_mixed_dataset_through_a_dataloader(tmp_path):
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(40, 3)))
-    points = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "point", "path": "x.npy", "label": "a"}] * 3),
+    points = ManifestDataset(write_manifest(tmp_path, [{"modality": "point", "path": "x.npy", "label": "a"}] * 3),
                                   points=16)
-    series = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "eeg", "path": "x.npy", "label": "b"}] * 5,
+    series = ManifestDataset(write_manifest(tmp_path, [{"modality": "eeg", "path": "x.npy", "label": "b"}] * 5,
                                                  name="eeg.jsonl"), eeg_channels=3, eeg_length=20)
     mixed = data.MixedDataset([points, series])
     loader = torch.utils.data.DataLoader(mixed, batch_sampler=data.MixedBatchSampler(mixed.sizes, 6),
@@ -119,7 +120,7 @@ def test_lines_split_on_newline_only_and_a_bom_is_accepted(tmp_path):
     rows = [{"modality": "point", "path": "x.npy", "text": "a cube\u2028 seen from above"},
             {"modality": "point", "path": "x.npy", "label": "b"}]
     (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode())
-    ds = data.ManifestDataset(tmp_path / "m.jsonl", points=16)
+    ds = ManifestDataset(tmp_path / "m.jsonl", points=16)
     assert len(ds) == 2 and ds[0]["text"] == "a cube\u2028 seen from above"
 
 
@@ -127,11 +128,11 @@ def test_lines_without_split_belong_to_every_split_and_mixing_is_refused(tmp_pat
     np.save(tmp_path / "x.npy", np.ones((10, 3)))
     plain = [{"modality": "point", "path": "x.npy", "label": c} for c in "ab"]
     path = write_manifest(tmp_path, plain)
-    assert len(data.ManifestDataset(path, split="train", points=16)) == 2
-    assert len(data.ManifestDataset(path, split="test", points=16)) == 2
+    assert len(ManifestDataset(path, split="train", points=16)) == 2
+    assert len(ManifestDataset(path, split="test", points=16)) == 2
     mixed = write_manifest(tmp_path, [{**plain[0], "split": "train"}, plain[1]], name="mixed.jsonl")
-    with pytest.raises(data.SampleError, match=r"mixed\.jsonl: line 2: no 'split', while other lines have one"):
-        data.ManifestDataset(mixed, split="test", points=16)
+    with pytest.raises(SampleError, match=r"mixed\.jsonl: line 2: no 'split', while other lines have one"):
+        ManifestDataset(mixed, split="test", points=16)
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -143,8 +144,8 @@ def test_wrong_fields_are_named_with_file_and_line(tmp_path, fields, message):
     np.save(tmp_path / "x.npy", np.ones((10, 3)))
     path = write_manifest(tmp_path, [{"modality": "point", "path": "x.npy", "label": "a"},
                                      {"modality": "point", "path": "x.npy", **fields}])
-    with pytest.raises(data.SampleError, match=rf"set\.jsonl: line 2: {message}"):
-        data.ManifestDataset(path)
+    with pytest.raises(SampleError, match=rf"set\.jsonl: line 2: {message}"):
+        ManifestDataset(path)
 
 
 def test_a_prior_of_another_size_is_named_when_the_line_is_read(tmp_path):
@@ -153,8 +154,8 @@ def test_a_prior_of_another_size_is_named_when_the_line_is_read(tmp_path):
     np.save(tmp_path / "p7.npy", np.ones(7, dtype=np.float32))
     path = write_manifest(tmp_path, [{"modality": "point", "path": "x.npy", "label": "a", "prior": "p5.npy"},
                                      {"modality": "point", "path": "x.npy", "label": "b", "prior": "p7.npy"}])
-    with pytest.raises(data.SampleError, match=r"line 2: p7\.npy: prior has 7 values, the manifest's first prior has 5"):
-        data.ManifestDataset(path)
+    with pytest.raises(SampleError, match=r"line 2: p7\.npy: prior has 7 values, the manifest's first prior has 5"):
+        ManifestDataset(path)
 
 
 def test_a_bad_file_given_by_absolute_path_is_reported(tmp_path):
@@ -162,11 +163,11 @@ def test_a_bad_file_given_by_absolute_path_is_reported(tmp_path):
     absolute = str(tmp_path / "empty.npy")
     manifest_dir = tmp_path / "elsewhere"
     manifest_dir.mkdir()
-    ds = data.ManifestDataset(write_manifest(manifest_dir, [{"modality": "point", "path": absolute, "label": "a"}]))
-    with pytest.raises(data.SampleError, match=rf"line 1: {absolute}: point cloud has 0 points"):
+    ds = ManifestDataset(write_manifest(manifest_dir, [{"modality": "point", "path": absolute, "label": "a"}]))
+    with pytest.raises(SampleError, match=rf"line 1: {absolute}: point cloud has 0 points"):
         ds[0]
 
 
 def test_a_missing_manifest_is_named(tmp_path):
-    with pytest.raises(data.SampleError, match=r"nothing\.jsonl: no such manifest"):
-        data.ManifestDataset(tmp_path / "nothing.jsonl")
+    with pytest.raises(SampleError, match=r"nothing\.jsonl: no such manifest"):
+        ManifestDataset(tmp_path / "nothing.jsonl")

@@ -1,5 +1,6 @@
-"""Tests for eval.py: retrieval counted by concept (an oracle scores 1, random scores chance), exact
-chance levels, what connects each pair of modalities in training, and held-out concepts scored apart."""
+"""Tests for metrics.py and eval.py: retrieval counted by concept (an oracle scores 1, random scores
+chance), exact chance levels, what connects each pair of modalities in training, and held-out concepts
+scored apart."""
 
 import json
 import math
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 import eval as evaluation
 import train
+from metrics import ANCHOR, BINDING, TEXT, chance_recall_at, class_embeddings, concept_retrieval, connections, zero_shot
 
 
 def concept_world(n_concepts=6, per_concept=20, captions_per_concept=3, dim=32, seed=0):
@@ -29,7 +31,7 @@ def concept_world(n_concepts=6, per_concept=20, captions_per_concept=3, dim=32, 
 def test_an_oracle_embedding_retrieves_by_concept_perfectly_both_ways():
     concepts, captions, gallery_concepts, directions = concept_world()
     oracle = directions[concepts]  # each item embedded as its concept's text direction
-    result = evaluation.concept_retrieval(oracle, concepts, captions, gallery_concepts)
+    result = concept_retrieval(oracle, concepts, captions, gallery_concepts)
     assert result["x2t"]["R@1"] == 1.0 and result["t2x"]["R@1"] == 1.0
 
 
@@ -39,7 +41,7 @@ def test_random_embeddings_score_about_chance():
     g = torch.Generator().manual_seed(5)
     random = F.normalize(torch.randn(len(concepts), captions.shape[1], generator=g), dim=-1)
     random_captions = F.normalize(torch.randn(*captions.shape, generator=g), dim=-1)
-    result = evaluation.concept_retrieval(random, concepts, random_captions, gallery_concepts)
+    result = concept_retrieval(random, concepts, random_captions, gallery_concepts)
     assert result["chance"]["x2t"]["R@1"] == pytest.approx(1 / 6)
     assert result["x2t"]["R@1"] == pytest.approx(1 / 6, abs=0.05)
     assert result["x2t"]["R@5"] == pytest.approx(result["chance"]["x2t"]["R@5"], abs=0.07)
@@ -48,15 +50,15 @@ def test_random_embeddings_score_about_chance():
 def test_chance_recall_is_the_hypergeometric_count():
     positives = torch.zeros(1, 10, dtype=torch.bool)
     positives[0, :3] = True  # 3 positives among 10
-    assert evaluation.chance_recall_at(positives, 1) == pytest.approx(0.3)
-    assert evaluation.chance_recall_at(positives, 2) == pytest.approx(1 - math.comb(7, 2) / math.comb(10, 2))
-    assert evaluation.chance_recall_at(positives, 10) == 1.0
+    assert chance_recall_at(positives, 1) == pytest.approx(0.3)
+    assert chance_recall_at(positives, 2) == pytest.approx(1 - math.comb(7, 2) / math.comb(10, 2))
+    assert chance_recall_at(positives, 10) == 1.0
 
 
 def test_top5_is_left_out_with_five_classes_or_fewer():
     z, labels = torch.eye(5), torch.arange(5)
-    assert "top5" not in evaluation.zero_shot(z, labels, torch.eye(5))
-    assert evaluation.zero_shot(torch.eye(6), torch.arange(6), torch.eye(6))["top5"] == 1.0
+    assert "top5" not in zero_shot(z, labels, torch.eye(5))
+    assert zero_shot(torch.eye(6), torch.arange(6), torch.eye(6))["top5"] == 1.0
 
 
 class Set:
@@ -72,17 +74,17 @@ def test_each_pair_is_named_by_what_connects_it_in_training():
     and everything else meets only through text: emergent. Each connection goes when its cause goes."""
     sets = {"audio": Set(True, ["the sound of a cube.", None]), "imu": Set(False, ["the motion of a cube."]),
             "depth": Set(True, [None, None])}
-    links = evaluation.connections(CONFIG, sets)
+    links = connections(CONFIG, sets)
     pair = lambda a, b: links[frozenset((a, b))]
-    assert pair("audio", "image") == evaluation.ANCHOR and pair("imu", "image") == evaluation.TEXT
-    assert pair("audio", "imu") == evaluation.BINDING
-    assert pair("audio", "depth") == evaluation.TEXT  # depth has no caption: L_xx never sees it
-    assert evaluation.connections({**CONFIG, "beta": 0.0}, sets)[frozenset(("audio", "imu"))] == evaluation.TEXT
-    assert evaluation.connections({**CONFIG, "lambda_anchor": 0.0}, sets)[frozenset(("audio", "image"))] == evaluation.TEXT
+    assert pair("audio", "image") == ANCHOR and pair("imu", "image") == TEXT
+    assert pair("audio", "imu") == BINDING
+    assert pair("audio", "depth") == TEXT  # depth has no caption: L_xx never sees it
+    assert connections({**CONFIG, "beta": 0.0}, sets)[frozenset(("audio", "imu"))] == TEXT
+    assert connections({**CONFIG, "lambda_anchor": 0.0}, sets)[frozenset(("audio", "image"))] == TEXT
     hard = {**CONFIG, "targets": "hard"}  # one-hot targets bind only identical captions
-    assert evaluation.connections(hard, sets)[frozenset(("audio", "imu"))] == evaluation.TEXT
+    assert connections(hard, sets)[frozenset(("audio", "imu"))] == TEXT
     shared = {**sets, "imu": Set(False, ["the sound of a cube."])}
-    assert evaluation.connections(hard, shared)[frozenset(("audio", "imu"))] == evaluation.BINDING
+    assert connections(hard, shared)[frozenset(("audio", "imu"))] == BINDING
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +104,11 @@ def test_metrics_json_describes_itself(held_out_run):
     assert metrics["chance"]["audio"] == 0.25
     assert metrics["train_size"]["imu"] == 7 and metrics["train_captioned"]["audio"] == 10  # 48 * 0.15, 48 * 0.2
     pairs = metrics["cross_modal"]
-    assert pairs["audio->image"]["connected_by"] == evaluation.ANCHOR  # audio carries anchor images
-    assert pairs["imu->image"]["connected_by"] == evaluation.TEXT
-    assert pairs["audio->imu"]["connected_by"] == evaluation.BINDING
+    assert pairs["audio->image"]["connected_by"] == ANCHOR  # audio carries anchor images
+    assert pairs["imu->image"]["connected_by"] == TEXT
+    assert pairs["audio->imu"]["connected_by"] == BINDING
     assert set(pairs["audio->imu"]) >= {"r1", "chance", "connected_by"}
-    assert set(metrics["emergent_r1"]) == {p for p, e in pairs.items() if e["connected_by"] == evaluation.TEXT}
+    assert set(metrics["emergent_r1"]) == {p for p, e in pairs.items() if e["connected_by"] == TEXT}
     assert metrics["unialign"]["emergent_mean"] == pytest.approx(
         sum(metrics["emergent_r1"].values()) / len(metrics["emergent_r1"]))
     assert metrics["unialign"]["zero_shot_top5"] == {}  # 4 classes: top-5 would always be 1
@@ -122,7 +124,7 @@ def test_without_binding_and_anchors_every_pair_is_emergent(held_out_run, tmp_pa
     train.main(["--preset", "smoke", "--modalities", "audio", "depth", "imu", "--held-out", "cube", "--coverage", "1",
                 "--beta", "0", "--lambda-anchor", "0", "--out", str(tmp_path)])
     pairs = json.loads((tmp_path / "metrics.json").read_text())["cross_modal"]
-    assert {e["connected_by"] for e in pairs.values()} == {evaluation.TEXT}
+    assert {e["connected_by"] for e in pairs.values()} == {TEXT}
 
 
 def test_held_out_concepts_are_scored_apart(held_out_run):
@@ -192,8 +194,8 @@ def test_merged_scores_each_modality_with_its_own_update_folded_in_and_leaves_th
     model, clip, bpe, config = load_run(str(out))
     depth = build_datasets(config, "test", ["depth"])["depth"]
     z, labels = embed(model.merge("depth"), depth, "cpu")
-    text = evaluation.class_embeddings(clip, bpe, evaluation.MODALITIES["depth"].prompts, depth.class_names, "cpu")
-    assert merged["unialign"]["merged_top1"]["depth"] == evaluation.zero_shot(z, labels, text)["top1"]
+    text = class_embeddings(clip, bpe, evaluation.MODALITIES["depth"].prompts, depth.class_names, "cpu")
+    assert merged["unialign"]["merged_top1"]["depth"] == zero_shot(z, labels, text)["top1"]
     assert "UniAlign merged" in (out / "metrics.md").read_text()
 
 

@@ -1,4 +1,4 @@
-"""Tests for readers.py, through data.ManifestDataset: every file format of a modality gives the same
+"""Tests for readers.py, through manifest.ManifestDataset: every file format of a modality gives the same
 input, and a broken file is named with the reason."""
 
 import json
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import readers
+from manifest import ManifestDataset, SampleError
 
 
 # ---------- helpers writing files the tests read back ----------
@@ -74,7 +74,7 @@ def test_same_sine_in_every_wav_encoding_gives_the_same_log_mel(tmp_path):
         write_wav(tmp_path / name, sine(kw["rate"]), **kw)
     write_wav(tmp_path / "stereo.wav", np.repeat(sine(16000), 2, axis=1), 16000)
     names = [*variants, "stereo.wav"]
-    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "audio", "path": n, "label": "tone"} for n in names]),
+    ds = ManifestDataset(write_manifest(tmp_path, [{"modality": "audio", "path": n, "label": "tone"} for n in names]),
                               audio_seconds=1.5)
     mels = {n: ds[k]["input"] for k, n in enumerate(names)}
     ref = mels["pcm16.wav"]
@@ -95,7 +95,7 @@ def test_image_formats_sizes_and_modes_agree(tmp_path):
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(rgb[:, :, 0]).save(tmp_path / "grey.png")
     files = ["a.png", "a.bmp", "a.webp", "a.jpg", "rgba.png", "grey.png"]
-    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "image", "path": f, "text": "noise"} for f in files]),
+    ds = ManifestDataset(write_manifest(tmp_path, [{"modality": "image", "path": f, "text": "noise"} for f in files]),
                               image_size=16)
     images = [ds[k]["input"] for k in range(len(files))]
     assert all(x.shape == (3, 16, 16) for x in images)
@@ -110,10 +110,10 @@ def test_wav_problems_are_named(tmp_path):
     (tmp_path / "cut.wav").write_bytes(blob[: len(blob) // 2])
     (tmp_path / "fake.wav").write_bytes(b"this is not audio at all")
     path = write_manifest(tmp_path, [{"modality": "audio", "path": n, "text": "a tone"} for n in ("ok.wav", "cut.wav", "fake.wav")])
-    ds = data.ManifestDataset(path, audio_seconds=1.0)
-    with pytest.raises(data.SampleError, match=r"set\.jsonl: line 2: cut\.wav: truncated"):
+    ds = ManifestDataset(path, audio_seconds=1.0)
+    with pytest.raises(SampleError, match=r"set\.jsonl: line 2: cut\.wav: truncated"):
         ds[1]
-    with pytest.raises(data.SampleError, match=r"set\.jsonl: line 3: fake\.wav: not a WAV file: RIFF header missing"):
+    with pytest.raises(SampleError, match=r"set\.jsonl: line 3: fake\.wav: not a WAV file: RIFF header missing"):
         ds[2]
 
 
@@ -126,7 +126,7 @@ def test_point_cloud_formats_agree(tmp_path):
     np.savetxt(tmp_path / "e.xyz", pts, fmt="%.7g")
     (tmp_path / "f.off").write_text("OFF\n300 0 0\n" + "\n".join(" ".join(f"{v:.7g}" for v in p) for p in pts))
     files = ["a.ply", "b.ply", "c.npy", "d.txt", "e.xyz", "f.off"]
-    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "point", "path": f, "label": "blob"} for f in files]),
+    ds = ManifestDataset(write_manifest(tmp_path, [{"modality": "point", "path": f, "label": "blob"} for f in files]),
                               points=128)
     ref = ds[0]["input"]
     assert ref.shape == (128, 3)
@@ -143,7 +143,7 @@ def test_video_sources_agree_in_shape(tmp_path):
         Image.fromarray(f).save(tmp_path / "frames" / f"{k:03d}.png")
     images = [Image.fromarray(f) for f in frames]
     images[0].save(tmp_path / "clip.gif", save_all=True, append_images=images[1:], duration=40)
-    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "video", "path": p, "label": "noise"}
+    ds = ManifestDataset(write_manifest(tmp_path, [{"modality": "video", "path": p, "label": "noise"}
                                                        for p in ("clip.npy", "frames", "clip.gif")]),
                               image_size=16, frames=4)
     videos = [ds[k]["input"] for k in range(3)]
@@ -155,7 +155,7 @@ def test_depth_png_millimetres_equals_npy_metres(tmp_path):
     depth_mm = np.random.default_rng(0).integers(500, 5000, (20, 28)).astype(np.uint16)
     Image.fromarray(depth_mm).save(tmp_path / "d.png")
     np.save(tmp_path / "d.npy", depth_mm / 1000.0)
-    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "depth", "path": p, "label": "room"}
+    ds = ManifestDataset(write_manifest(tmp_path, [{"modality": "depth", "path": p, "label": "room"}
                                                        for p in ("d.png", "d.npy")]), image_size=16)
     a, b = ds[0]["input"], ds[1]["input"]
     assert a.shape == (1, 16, 16) and torch.allclose(a, b, atol=1e-4)
@@ -179,9 +179,9 @@ def test_sunrgbd_depth_png_is_rotated_back_into_millimetres(tmp_path):
     assert np.allclose(as_mm[far], 8 * metres[far] - 65.535)  # ... and wrapped around (mod 65.536 m) beyond
     np.save(tmp_path / "d.npy", depth_mm / 1000.0)
     manifest = write_manifest(tmp_path, [{"modality": "depth", "path": p, "label": "room"} for p in ("sun.png", "d.npy")])
-    sun = data.ManifestDataset(manifest, image_size=16, depth_format="sunrgbd")
+    sun = ManifestDataset(manifest, image_size=16, depth_format="sunrgbd")
     assert torch.allclose(sun[0]["input"], sun[1]["input"], atol=1e-4)  # as the same depth in metres
-    plain = data.ManifestDataset(manifest, image_size=16)
+    plain = ManifestDataset(manifest, image_size=16)
     assert not torch.allclose(plain[0]["input"], plain[1]["input"], atol=1e-2)  # standardisation does not hide it
     Image.fromarray(np.full((8, 8), 100, np.uint8)).save(tmp_path / "eight.png")
     with pytest.raises(ValueError, match="16-bit"):
@@ -197,11 +197,11 @@ def test_series_layout_by_channel_count_and_nan_row(tmp_path):
     bad = x.copy()
     bad[4, 2] = np.nan
     (tmp_path / "nan.csv").write_text("a,b,c,d,e,f\n" + "\n".join(",".join(f"{v:.9g}" for v in r) for r in bad))
-    ds = data.ManifestDataset(write_manifest(tmp_path, [{"modality": "imu", "path": p, "label": "walk"}
+    ds = ManifestDataset(write_manifest(tmp_path, [{"modality": "imu", "path": p, "label": "walk"}
                                                        for p in ("t.csv", "c.npy", "nan.csv")]), imu_length=256)
     assert ds[0]["input"].shape == (6, 256)
     assert torch.allclose(ds[0]["input"], ds[1]["input"], atol=1e-5)
-    with pytest.raises(data.SampleError, match=r"line 3: nan\.csv: NaN at row 5"):
+    with pytest.raises(SampleError, match=r"line 3: nan\.csv: NaN at row 5"):
         ds[2]
 
 
@@ -213,12 +213,12 @@ def test_labels_become_prompts_and_class_indices(tmp_path):
              "split": "train"},
             {"modality": "tactile", "path": "b.png", "label": "cloth", "split": "train"},
             {"modality": "tactile", "path": "a.png", "text": "rough bark", "split": "test"}]
-    ds = data.ManifestDataset(write_manifest(tmp_path, rows), split="train", image_size=16)
+    ds = ManifestDataset(write_manifest(tmp_path, rows), split="train", image_size=16)
     assert len(ds) == 2 and ds.modality == "tactile" and ds.class_names == ["cloth", "wood"]
     first = ds[0]
     assert first["label"] == 1 and "wood" in first["text"] and first["anchor_image"].shape == (3, 16, 16)
     assert first["prior"].shape == (5,) and ds[1]["prior"] is None
-    test = data.ManifestDataset(write_manifest(tmp_path, rows), split="test", image_size=16)
+    test = ManifestDataset(write_manifest(tmp_path, rows), split="test", image_size=16)
     assert test[0]["label"] == -1 and test[0]["text"] == "rough bark"
 
 

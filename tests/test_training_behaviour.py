@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import objectives
 import train
 from data import collate
 from losses import soft_targets, unialign_loss
@@ -41,7 +42,7 @@ def test_grouped_embeddings_land_on_their_own_rows():
             adapter.lora_B.normal_()
     samples, batch = mixed_batch()
     z, _ = model(batch["inputs"])
-    grouped = train.scatter_groups(z, batch["index"], len(samples))
+    grouped = objectives.scatter_groups(z, batch["index"], len(samples))
     for k, sample in enumerate(samples):
         alone, _ = model.encode(sample["modality"], sample["input"][None])
         torch.testing.assert_close(grouped[k], alone[0], rtol=1e-4, atol=1e-5, msg=f"row {k}")
@@ -49,7 +50,7 @@ def test_grouped_embeddings_land_on_their_own_rows():
 
 def objective_parts(args, batch, clip):
     model = tiny_unialign()
-    loss, parts = train.unialign_objective(clip, text_of, args)(model, batch)
+    loss, parts = objectives.unialign_objective(clip, text_of, args)(model, batch)
     return loss, parts
 
 
@@ -70,7 +71,7 @@ def test_the_objective_meets_each_rows_own_caption_anchor_and_prior_at_clips_tem
                for k, s in enumerate(samples)]  # every caption distinct, depth rows 1 and 7 without one
     batch = collate(samples)
     args = train.get_args(["--preset", "smoke", "--lambda-bal", "0"])
-    _, parts = train.unialign_objective(clip, text_of, args, {m: 12 for m in SIZES})(model, batch)
+    _, parts = objectives.unialign_objective(clip, text_of, args, {m: 12 for m in SIZES})(model, batch)
     with torch.no_grad():
         z = torch.cat([model.encode(s["modality"], s["input"][None])[0] for s in samples])
         captioned = torch.tensor([s["text"] is not None for s in samples])
@@ -112,7 +113,7 @@ def test_the_prior_weight_scales_the_prior_term():
     losses = {}
     for weight in ("0", "0.7"):
         args = train.get_args(["--preset", "smoke", "--lambda-prior", weight])
-        losses[weight], parts = train.unialign_objective(clip, text_of, args, dims)(tiny_unialign(), batch)
+        losses[weight], parts = objectives.unialign_objective(clip, text_of, args, dims)(tiny_unialign(), batch)
     assert parts["prior"] > 0
     assert losses["0.7"].item() - losses["0"].item() == pytest.approx(0.7 * parts["prior"], rel=1e-4)
 

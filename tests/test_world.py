@@ -1,5 +1,5 @@
 """Tests for world.py through data.SyntheticDataset: deterministic samples with the real-data layouts, held-out concepts, anchors,
-captions, a file round trip through data.ManifestDataset (synthetic and real share one path), and the properties
+captions, a file round trip through manifest.ManifestDataset (synthetic and real share one path), and the properties
 of docs/method.md section 5 (own vocabularies and coverage, scarce captions, anchors of the sample's own instance,
 a prior's draw apart from the run's)."""
 
@@ -12,6 +12,7 @@ import torch
 
 import data
 import world
+from manifest import ManifestDataset
 from modalities import MODALITIES as REGISTRY
 from preprocess import SAMPLE_RATE
 
@@ -125,7 +126,7 @@ def test_raw_signals_written_to_files_read_back_identically(sets, tmp_path):
         write(tmp_path / name, ds.raw(3))
         manifest = tmp_path / f"{m}.jsonl"
         manifest.write_text(json.dumps({"modality": m, "path": name, "label": ds.class_names[ds[3]["label"]]}) + "\n")
-        real = data.ManifestDataset(manifest, image_size=16, audio_seconds=0.25, points=64, eeg_channels=8,
+        real = ManifestDataset(manifest, image_size=16, audio_seconds=0.25, points=64, eeg_channels=8,
                                     eeg_length=64)[0]
         torch.testing.assert_close(real["input"], ds[3]["input"], rtol=0, atol=1e-5)
 
