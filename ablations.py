@@ -203,7 +203,8 @@ def shared_stages(folder):
 
 
 def run_variant(command, folder, full_folder=None, threads=None):
-    """Run one variant (a train.py command line) into `folder`, unless its metrics.json is there."""
+    """Run one variant (a train.py command line) into `folder`, unless its metrics.json is there; a run an
+    earlier attempt left unfinished is resumed."""
     if os.path.exists(os.path.join(folder, "metrics.json")):
         tqdm.write(f"reusing {folder}")
         return
@@ -211,6 +212,8 @@ def run_variant(command, folder, full_folder=None, threads=None):
     for name in shared_stages(full_folder) if full_folder else []:
         if not os.path.exists(os.path.join(folder, name)):
             shutil.copy(os.path.join(full_folder, name), os.path.join(folder, name))
+    if os.path.exists(os.path.join(folder, "ckpt.pt")):  # an earlier attempt was stopped: it resumes, bit for bit
+        command = [*command, "--resume"]
     tqdm.write(" ".join(command))
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(os.path.join(folder, "train.log"), "w") as log:

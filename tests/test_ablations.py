@@ -90,5 +90,8 @@ def test_a_finished_variant_is_reused_and_a_new_one_gets_the_shared_stages(tmp_p
     assert ran == []
     ablations.run_variant(["python", "train.py", "--experts", "1"], str(variant), str(full))
     assert ran == [["python", "train.py", "--experts", "1"]]
-    assert sorted(p.name for p in variant.iterdir()) == ["anchor.pt", "bpe.txt.gz", "prior_audio.pt",
+    (variant / "ckpt.pt").write_text("an attempt stopped half-way")
+    ablations.run_variant(["python", "train.py", "--experts", "1"], str(variant), str(full))
+    assert ran[-1] == ["python", "train.py", "--experts", "1", "--resume"]
+    assert sorted(p.name for p in variant.iterdir()) == ["anchor.pt", "bpe.txt.gz", "ckpt.pt", "prior_audio.pt",
                                                         "specialist_audio.pt", "train.log"]

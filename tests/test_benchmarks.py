@@ -4,8 +4,6 @@ tree that is not the layout is refused in one line; a smoke-trained run is evalu
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from benchmarks import esc50, folder, modelnet40
 from manifest import ManifestDataset
 from test_readers import write_wav
-from test_train import ROOT
+from test_train import in_process
 
 ESC_CLASSES = ["dog", "rooster", "chirping_birds"]
 
@@ -127,9 +125,8 @@ def test_a_smoke_run_evaluates_on_prepared_benchmarks(smoke, tmp_path):
     fake_modelnet40(tmp_path / "mn40")
     modelnet40.main([str(tmp_path / "mn40"), "--out", str(tmp_path / "mn")])
     for prepared, manifest in ((tmp_path / "esc", "esc50.jsonl"), (tmp_path / "mn", "modelnet40.jsonl")):
-        proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(smoke / "ckpt.pt"), "--data", str(prepared / manifest),
-                               "--classes", f"@{prepared / 'classes.txt'}", "--prompts", f"@{prepared / 'prompts.txt'}"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        code, _, err = in_process("eval.py", "--ckpt", str(smoke / "ckpt.pt"), "--data", str(prepared / manifest),
+                                  "--classes", f"@{prepared / 'classes.txt'}", "--prompts", f"@{prepared / 'prompts.txt'}")
+        assert code == 0, err[-2000:]
         result = json.loads((smoke / "eval_data.json").read_text())[str(prepared / manifest)]
         assert result["chance"] == pytest.approx(1 / 3) and 0 <= result["zero_shot_top1"] <= 1

@@ -4,8 +4,6 @@ state of an uninterrupted one, one folder takes one run, and non-finite losses s
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 import loop
 import train
 from checkpoint import CheckpointError, load_checkpoint, lock_run_folder, remove_temp_files, save_checkpoint
-from test_train import FLAGS, ROOT, forked, run, trainable_state, with_finished_stages
+from test_train import FLAGS, forked, trainable_state, with_finished_stages
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "flipped"])
@@ -29,25 +27,31 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage):
         load_checkpoint(path)
 
 
-SAVER = """
-import sys, torch
-from checkpoint import save_checkpoint
-step = 0
-while True:
-    step += 1
-    save_checkpoint({"step": step, "weights": torch.full((2_000_000,), float(step))}, sys.argv[1])
-    print(step, flush=True)
-"""
+def saver(path):
+    """A forked process saving checkpoints of 8 MB to `path` in a loop; returns (pid, a file of the
+    steps it has saved, one line each)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: save forever, until killed
+        os.close(read)
+        step = 0
+        while True:
+            step += 1
+            save_checkpoint({"step": step, "weights": torch.full((2_000_000,), float(step))}, str(path))
+            os.write(write, f"{step}\n".encode())
+    os.close(write)
+    return pid, os.fdopen(read)
 
 
 def test_a_kill_during_a_save_leaves_the_old_checkpoint_whole(tmp_path):
     path = tmp_path / "ckpt.pt"
     for delay in (0.05, 0.13, 0.31):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # one save is complete
+        pid, saved = saver(path)
+        saved.readline()  # one save is complete
         time.sleep(delay)  # then kill it somewhere, most likely in the middle of a later save
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        saved.close()
         state = load_checkpoint(path)
         assert torch.equal(state["weights"], torch.full((2_000_000,), float(state["step"])))
         stale = remove_temp_files(tmp_path)

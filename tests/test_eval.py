@@ -139,8 +139,7 @@ def test_held_out_concepts_are_scored_apart(held_out_run):
 
 def test_eval_cli_scores_a_manifest_against_typed_class_names(held_out_run, tmp_path):
     """`eval.py --ckpt RUN/ckpt.pt --data MANIFEST --classes ...`: real WAV files of the run's world."""
-    import subprocess
-    import sys
+    from test_train import in_process
 
     from data import SyntheticDataset
     from test_readers import write_manifest, write_wav
@@ -154,16 +153,14 @@ def test_eval_cli_scores_a_manifest_against_typed_class_names(held_out_run, tmp_
         rows.append({"modality": "audio", "path": f"{i}.wav", "label": world.class_names[world[i]["label"]]})
     manifest = write_manifest(tmp_path, rows)
     classes = ["sphere", "cube", "cylinder", "cone", "banana"]
-    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out / "ckpt.pt"), "--data", str(manifest),
-                           "--classes", *classes], capture_output=True, text=True, cwd=evaluation.__file__.rsplit("/", 1)[0])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, out_text, err = in_process("eval.py", "--ckpt", str(out / "ckpt.pt"), "--data", str(manifest), "--classes", *classes)
+    assert code == 0, err[-2000:]
     result = json.loads((out / "eval_data.json").read_text())[str(manifest)]
     assert result["samples"] == 8 and result["classes"] == 5 and result["chance"] == pytest.approx(0.2)
-    assert "| audio | 8 | 5 | 0.200 |" in proc.stdout
-    proc = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out / "ckpt.pt"), "--data", str(manifest),
-                           "--classes", "sphere"], capture_output=True, text=True, cwd=evaluation.__file__.rsplit("/", 1)[0])
-    assert proc.returncode == 1 and "are not among the 1 class names given" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "| audio | 8 | 5 | 0.200 |" in out_text
+    code, _, err = in_process("eval.py", "--ckpt", str(out / "ckpt.pt"), "--data", str(manifest), "--classes", "sphere")
+    assert code == 1 and "are not among the 1 class names given" in err
+    assert "Traceback" not in err
 
 
 def test_export_writes_each_test_samples_embedding_with_its_label_and_path(held_out_run, tmp_path):
