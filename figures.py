@@ -75,11 +75,13 @@ def line_panels(panels, path, x_label, y_label, size=(380, 280)):
 
 
 def heatmap(matrix, rows, cols, path, title, lo=None, hi=None, cell=12):
-    """A matrix as coloured cells. `rows`/`cols`: [(label, number of cells)] groups, each labelled in
-    full once and separated by white lines; a colour scale from lo to hi on the right."""
+    """A matrix as coloured cells, NaN cells light grey. `rows`/`cols`: [(label, number of cells)]
+    groups, each labelled in full once and separated by white lines; a colour scale from lo to hi on
+    the right."""
     n_rows, n_cols = matrix.shape
-    lo = float(matrix.min()) if lo is None else lo
-    hi = float(matrix.max()) if hi is None else hi
+    known = matrix[~torch.isnan(matrix)]
+    lo = float(known.min()) if lo is None else lo
+    hi = float(known.max()) if hi is None else hi
     pad_l = 12 + max(text_width(label) for label, _ in rows)
     pad_t = 40 + max(text_width(label) for label, _ in cols)  # column labels are written upwards
     width = max(pad_l + n_cols * cell + 80, text_width(title) + 12)
@@ -89,7 +91,9 @@ def heatmap(matrix, rows, cols, path, title, lo=None, hi=None, cell=12):
     for i in range(n_rows):
         for j in range(n_cols):
             x, y = pad_l + j * cell, pad_t + i * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour((float(matrix[i, j]) - lo) / max(hi - lo, 1e-9)))
+            value = float(matrix[i, j])
+            fill = (225, 225, 225) if math.isnan(value) else colour((value - lo) / max(hi - lo, 1e-9))
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=fill)
     start = 0
     for label, size in rows:
         draw.text((6, pad_t + (start + size / 2) * cell - 7), label, fill="black", font=FONT)
@@ -184,12 +188,12 @@ def routing_figure(out, entropy, experts):
 def similarity_figure(out, embeddings, concepts):
     """OUT/similarity.png: cosine similarity of concept-mean embeddings of every modality, blocks in
     the same concept order. embeddings: {modality: (z (N, D), the concept of each item)}; concepts:
-    the order of every block's rows. A concept a modality does not cover is a row of zeros."""
+    the order of every block's rows. A concept a modality does not cover is grey."""
     means = []
     for z, of in embeddings.values():
         for c in concepts:
             rows = torch.tensor([x == c for x in of])
-            means.append(F.normalize(z[rows].mean(0), dim=-1) if rows.any() else torch.zeros(z.shape[1]))
+            means.append(F.normalize(z[rows].mean(0), dim=-1) if rows.any() else torch.full((z.shape[1],), math.nan))
     means = torch.stack(means)
     groups = [(m, len(concepts)) for m in embeddings]
     heatmap(means @ means.T, groups, groups, os.path.join(out, "similarity.png"),
