@@ -20,6 +20,7 @@ describes itself: config, classes, chance), OUT/metrics.md and the figures of fi
 """
 import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -267,8 +268,9 @@ def write_report(out, metrics, modalities):
         lines += ["", f"Connected by {group}:", "", "| pair | R@1 | chance | renamed R@1 (chance) |", "|---|---|---|---|"]
         lines += [f"| {p} | {e['r1']:.3f} | {e['chance']:.3f} | {renamed(e)} |" for p, e in rows.items()]
         average = mean([e["r1"] for e in rows.values()]), mean([e["chance"] for e in rows.values()])
+        renamed_mean = mean([e.get("renamed_r1") for e in rows.values()])
         lines.append(f"| **mean** | **{average[0]:.3f}** | {average[1]:.3f} | "
-                     f"{mean([e.get('renamed_r1') for e in rows.values()]):.3f} |")
+                     + ("-" if math.isnan(renamed_mean) else f"{renamed_mean:.3f}") + " |")
         u[{TEXT: "emergent_mean", BINDING: "bound_mean", ANCHOR: "anchored_mean"}[group]] = average[0]
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "metrics.md"), "w") as file:
