@@ -202,7 +202,8 @@ def test_two_ddp_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     model = small_model()
     loss, _ = batch_loss(model, batch)
     loss.backward()
-    mp.spawn(ddp_rank, args=(2, batch, str(tmp_path)), nprocs=2, join=True)
+    # forked ranks: copies of this process, which never started a thread pool (conftest: one thread)
+    mp.start_processes(ddp_rank, args=(2, batch, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     for rank in range(2):
         result = torch.load(tmp_path / f"{rank}.pt")
         assert torch.allclose(result["loss"], loss.detach(), atol=1e-6)

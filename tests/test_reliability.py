@@ -150,8 +150,8 @@ def test_a_save_that_hits_a_file_size_limit_keeps_the_previous_checkpoint_and_re
     out = shutil.copytree(ctrl_c[0], tmp_path / "run")
     before = (out / "ckpt.pt").read_bytes()
     limit = len(before) // 4  # the lock and the log fit under it, a checkpoint does not (EFBIG: Python ignores SIGXFSZ)
-    proc = run("train.py", *FLAGS, "--ckpt-every", "1", "--out", str(out), "--resume",
-               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    proc = forked(*FLAGS, "--ckpt-every", "1", "--out", str(out), "--resume",
+                  before=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 1, output[-3000:]
     assert output.splitlines()[-1] == (f"error: {out}: cannot save ckpt.pt (File too large); "

@@ -57,9 +57,10 @@ class forked:
     """`train.main(argv)` in a forked copy of this process: a real process, which tests signal and
     kill for real, without the second or two a new interpreter takes to import torch. Safe because
     the test session never starts a thread pool (conftest: one thread). Its output (stdout and
-    stderr) is read with `communicate`, its exit code as `python train.py` would give it."""
+    stderr) is read with `communicate`, its exit code as `python train.py` would give it. `before`
+    runs in the child first (a resource limit, say)."""
 
-    def __init__(self, *argv):
+    def __init__(self, *argv, before=None):
         read, write = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:  # the child: run, then leave without pytest's teardown
@@ -67,6 +68,8 @@ class forked:
             sys.stdout = sys.stderr = os.fdopen(write, "w", buffering=1)
             code = 1
             try:
+                if before:  # e.g. a resource limit for this process alone
+                    before()
                 train.main(list(argv))
                 code = 0
             except SystemExit as stop:
