@@ -6,6 +6,7 @@ import io
 import json
 import os
 import runpy
+import socket
 import shutil
 import signal
 import subprocess
@@ -184,6 +185,18 @@ def test_resume_after_sigkill_is_bit_for_bit_an_uninterrupted_run(smoke, uninter
         assert torch.equal(a[k], b[k]), k
 
 
+def forked_ranks(world_size, *argv):
+    """`torchrun --nproc_per_node N train.py ARGV` without the launcher: N forked ranks, each with the
+    environment torchrun gives a worker (RANK, WORLD_SIZE, the rendezvous address)."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = lambda rank: os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                                                 LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                                                 MASTER_PORT=str(port))
+    return [forked(*argv, before=lambda rank=rank: environment(rank)) for rank in range(world_size)]
+
+
 def worker_of_rank(launcher, rank):
     """The pid of the worker torchrun started for `rank` (read from /proc)."""
     children = [int(pid) for task in Path(f"/proc/{launcher}/task").iterdir()
@@ -216,10 +229,10 @@ def test_two_process_gloo_ddp_run_stops_every_rank_at_one_step_on_sigterm_to_one
     assert step < 6 and ckpt["sampler"]["world_size"] == 2, log[-3000:]
     assert f"unialign: stopped by SIGTERM after step {step} of 6, saved in {out / 'ckpt.pt'}. Resume with: " in log
     assert log.count("exitcode  : 143") == 2, log[-3000:]  # both ranks stopped as SIGTERM asks, neither crashed
-    proc = run(*launch, "--resume", env=env)
-    log, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, log[-3000:]
-    assert f"resumed unialign at step {step} of 6" in log
+    ranks = forked_ranks(2, *launch[launch.index("train.py") + 1:], "--resume")  # torchrun's environment, forked
+    logs = [rank.communicate()[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert f"resumed unialign at step {step} of 6" in logs[0]
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["step"] == 6 and ckpt["sampler"]["world_size"] == 2
 
