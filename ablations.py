@@ -1,6 +1,7 @@
 """The paper's ablations as paired experiments (docs/method.md section 4; the lab of assignments/README.md).
 
   python ablations.py --preset course --seeds 5 --out runs/ablations [--only no_moe hard_targets] [--jobs 2]
+  python ablations.py --across runs/lab_w0 runs/lab_w1 runs/lab_w2   # the claims of several worlds side by side
 
 Every variant is an ordinary train.py flag set (the command is printed), run for seeds 0..N-1 on
 one world, with the concept `--held-out` (default cone) kept out of the extended training sets so
@@ -196,6 +197,24 @@ def report(result, labels, settings):
     return "\n".join(lines) + "\n"
 
 
+def across(folders):
+    """The claims of several labs (one world each: their ablations.json) side by side: per claim, each
+    world's paired difference and verdict, and whether it holds on every world."""
+    labs = [json.load(open(os.path.join(f, "ablations.json"))) for f in folders]
+    worlds = [lab["settings"]["world_seed"] for lab in labs]
+    lines = ["| claim | measure | " + " | ".join(f"world {w}" for w in worlds) + " | every world |",
+             "|---|---|" + "---|" * (len(worlds) + 1)]
+    for variant, name, sign, text in CLAIMS:
+        found = [next((c for c in lab["claims"] if c["variant"] == variant and c["measure"] == name), None) for lab in labs]
+        if None in found:
+            continue
+        verdicts = [verdict(c, sign) for c in found]
+        cells = [f"{c['mean']:+.3f} +- {c['se']:.3f} ({c['agree']}/{c['n']}) {v}" for c, v in zip(found, verdicts)]
+        every = "holds" if set(verdicts) == {"holds"} else "no" if "holds" not in verdicts else "on some worlds only"
+        lines.append(f"| {text} | {name} | " + " | ".join(cells) + f" | {every} |")
+    return "\n".join(lines) + "\n"
+
+
 def shared_stages(folder):
     """The stage files every variant of a seed reuses: the anchor CLIP, its BPE, the prior models and the specialists."""
     return [name for name in sorted(os.listdir(folder)) if name in ("anchor.pt", "bpe.txt.gz")
@@ -232,7 +251,12 @@ def main(argv=None):
                    + " ".join(variants("course")))
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cpus / jobs threads (default: 1)")
     p.add_argument("--out", default="runs/ablations", help="folder of the runs and the results (default: %(default)s)")
+    p.add_argument("--across", nargs="+", metavar="OUT",
+                   help="run nothing: print the claims of these labs (one world each) side by side")
     args = p.parse_args(argv)
+    if args.across:
+        print(across(args.across))
+        return
     table = variants(args.preset)
     if args.seeds < 2:
         p.error("--seeds must be at least 2: a paired difference needs a spread")

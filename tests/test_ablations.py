@@ -95,3 +95,18 @@ def test_a_finished_variant_is_reused_and_a_new_one_gets_the_shared_stages(tmp_p
     assert ran[-1] == ["python", "train.py", "--experts", "1", "--resume"]
     assert sorted(p.name for p in variant.iterdir()) == ["anchor.pt", "bpe.txt.gz", "ckpt.pt", "prior_audio.pt",
                                                         "specialist_audio.pt", "train.log"]
+
+
+def test_across_holds_a_claim_only_where_it_holds_on_every_world(tmp_path):
+    def lab(world, anchored, prior):
+        claims = [{"variant": "no_anchor", "measure": "top1_anchored", **ablations.paired(anchored, [0.5, 0.5, 0.5])},
+                  {"variant": "no_prior", "measure": "top1_scarce", **ablations.paired(prior, [0.5, 0.5, 0.5])}]
+        (tmp_path / f"w{world}").mkdir()
+        (tmp_path / f"w{world}" / "ablations.json").write_text(json.dumps({"settings": {"world_seed": world},
+                                                                           "claims": claims}))
+        return str(tmp_path / f"w{world}")
+
+    table = ablations.across([lab(0, [0.3, 0.31, 0.29], [0.4, 0.41, 0.39]), lab(1, [0.3, 0.32, 0.3], [0.45, 0.52, 0.5])])
+    rows = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
+    assert rows["top1_anchored"].endswith("| holds |") and rows["top1_anchored"].count(" holds") == 3
+    assert rows["top1_scarce"].endswith("| on some worlds only |") and "within noise" in rows["top1_scarce"]
