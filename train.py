@@ -217,24 +217,23 @@ def train_prior(args, clip, bpe, modalities):
     kept in the cache, so every run of the world has the same prior; OUT/prior_<m>.pt holds a copy."""
     anchor = file_digest(args.clip or os.path.join(args.out, "anchor.pt"))
     paths = {m: os.path.join(args.out, f"prior_{m}.pt") for m in modalities}
-    for m, path in paths.items():
-        if rank_and_world()[0] != 0:
-            continue
-        if reusable(path, args, f"prior:{m}", args.prior_steps) is not None:
-            log(f"prior:{m}: reusing {path} (finished, same settings)")
-            continue
+    if rank_and_world()[0] == 0:  # rank 0 builds, the others wait below
+        for m, path in paths.items():
+            if reusable(path, args, f"prior:{m}", args.prior_steps) is not None:
+                log(f"prior:{m}: reusing {path} (finished, same settings)")
+                continue
 
-        def build():
-            draw = build_datasets(vars(args), "prior", [m])[m]
-            text_of = TextCache(clip, bpe, args.device, draw.captions)
-            train_single_lora(args, clip, text_of, draw, f"prior:{m}", args.prior_steps, path, args.world_seed,
-                              distributed=False)
-            return load_checkpoint(path)
-        content, how = cached(cache_folder(args), "prior", {**stage_settings(args, "prior"), "modality": m,
-                                                            "anchor": anchor}, TRAINING_CODE, build, f"the {m} prior")
-        if how == "reused":
-            save_checkpoint(content, path)
-            log(f"prior:{m}: the world's prior model, reused from the cache in {cache_folder(args)}")
+            def build():
+                draw = build_datasets(vars(args), "prior", [m])[m]
+                text_of = TextCache(clip, bpe, args.device, draw.captions)
+                train_single_lora(args, clip, text_of, draw, f"prior:{m}", args.prior_steps, path, args.world_seed,
+                                  distributed=False)
+                return load_checkpoint(path)
+            content, how = cached(cache_folder(args), "prior", {**stage_settings(args, "prior"), "modality": m,
+                                                                "anchor": anchor}, TRAINING_CODE, build, f"the {m} prior")
+            if how == "reused":
+                save_checkpoint(content, path)
+                log(f"prior:{m}: the world's prior model, reused from the cache in {cache_folder(args)}")
     if rank_and_world()[1] > 1:
         dist.barrier()  # the other ranks wait for rank 0's prior models
     return {m: load_model(path, clip, args.device)[0] for m, path in paths.items()}
