@@ -38,6 +38,9 @@ def test_paired_differences_and_the_verdict_rule():
     # one seed disagrees: within noise whatever the mean
     d = ablations.paired([0.50, 0.52, 0.61], [0.60, 0.63, 0.58])
     assert d["agree"] == 2 and not d["holds"] and ablations.verdict(d, -1) == "within noise"
+    # far beyond 2 SE, but one seed of ten disagrees: within noise
+    d = ablations.paired([0.5] * 9 + [0.61], [0.6] * 9 + [0.6])
+    assert abs(d["mean"]) > 2 * d["se"] and d["agree"] == 9 and not d["holds"]
     # all agree but |mean| <= 2 SE
     d = ablations.paired([0.59, 0.50, 0.595], [0.60, 0.60, 0.60])
     assert d["agree"] == 3 and abs(d["mean"]) < 2 * d["se"] and not d["holds"]
