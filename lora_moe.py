@@ -11,7 +11,8 @@ modality. Per call, `stats` keeps what the load-balancing term needs:
     L_bal = E * sum_e f_e * P_e     (f_e: fraction of tokens routed to e, P_e: mean gate)  (Eq. 3)
 
 This file holds `LoRAMoELinear` (one adapted linear), `add_lora_moe` (puts one into each chosen
-linear of every CLIP block) and `routed` (sets the modality of a list of adapters).
+linear of every CLIP block) and `routed` (sets the modality of a list of adapters: one, or
+consecutive blocks of rows of several, which then share one pass through the frozen blocks).
 
 Where the routers sit (`router_scope`; the paper does not say):
 - "linear" (the default): one router per modality in every adapted linear, reading that linear's
@@ -56,10 +57,11 @@ class LoRAMoELinear(nn.Module):
     """A frozen linear (CLIP's own `weight` and `bias` Parameters, not copies) plus E LoRA experts
     routed per modality (Eq. 1-2).
 
-    Set `modality` before a forward; `None` is the frozen linear alone (the image path), always,
-    merged or not. After a forward with a modality, `stats = {"f": (E,), "P": (E,)}` holds that
-    call's fraction of token->expert assignments per expert (detached, sums to 1) and mean softmax
-    gate (differentiable) for Eq. 3.
+    Set `modality` before a forward: `None` is the frozen linear alone (the image path), always,
+    merged or not; a name routes every row by that modality's router; [(name, rows), ...] routes
+    consecutive blocks of rows each by its own (see `forward`). After a forward,
+    `stats[name] = {"f": (E,), "P": (E,)}` holds each modality's fraction of token->expert
+    assignments per expert (detached, sums to 1) and mean softmax gate (differentiable) for Eq. 3.
     """
 
     def __init__(self, weight, bias, modalities, experts=4, rank=8, top_k=2, alpha=16.0):
