@@ -15,6 +15,10 @@ the mean of d over seeds, its standard error SE = std(d) / sqrt(n), and how many
 the mean's sign. Verdict: a difference *holds* when every seed agrees in sign and |mean| > 2 SE;
 otherwise it is within noise. Each claim of the paper is one such comparison (CLAIMS). A variant
 whose metrics.json exists is reused. Writes OUT/ablations.md, OUT/ablations.json, OUT/ablations.png.
+
+`--summary` runs nothing: for finished runs of one world that differ only in --seed, each modality's
+zero-shot top-1 of UniAlign and its baselines, mean +- std over the runs, and UniAlign minus the
+specialists paired by run (the same table closes OUT/ablations.md, for full UniAlign).
 """
 import argparse
 import json
@@ -118,6 +122,28 @@ def spread(values):
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def summary(runs):
+    """Finished runs of one world (their metrics.json, one per seed) -> a table per modality: training
+    samples (with a caption), chance, the raw baseline, the prior model, the specialists and UniAlign,
+    mean +- std over the runs, and UniAlign minus the specialists paired run by run."""
+    f = lambda s: f"{s['mean']:.3f} +- {s['std']:.3f}"
+    first, blocks = runs[0], ("raw_baseline", "prior", "specialists", "unialign")
+    top1 = lambda block, m: [run[block]["zero_shot_top1"].get(m) for run in runs if block in run]
+    size = lambda m: (f"{first['train_size'][m]}" + (f" ({first['train_captioned'][m]})"
+                      if first["train_captioned"][m] < first["train_size"][m] else "")) if m != "mean" else ""
+    lines = [f"Zero-shot top-1 over {len(runs)} runs (mean +- std); UniAlign minus specialists paired by run: "
+             "mean +- SE (runs agreeing in sign / runs), **holds** when every run agrees and |mean| > 2 SE.", "",
+             "| modality | train samples (captioned) | chance | raw NCM | prior model | specialists | **UniAlign** "
+             "| UniAlign - specialists |", "|---|---|---|---|---|---|---|---|"]
+    for m in first["unialign"]["zero_shot_top1"]:
+        d = paired(top1("unialign", m), top1("specialists", m))
+        cells = [f(spread(top1(b, m))) if top1(b, m) else "-" for b in blocks]
+        lines.append(f"| {'**mean**' if m == 'mean' else m} | {size(m)} | {first['chance'][m]:.3f} | " + " | ".join(cells[:3]) + f" | **{cells[3]}** | "
+                     + (f"{d['mean']:+.3f} +- {d['se']:.3f} ({d['agree']}/{d['n']})" + (" **holds**" if d["holds"] else "")
+                        if d and len(runs) > 1 else "-") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def collect(out, seeds, keys):
     """The runs' metrics -> {"rows", "differences", "claims", "modalities"} (see the module docstring)."""
     metrics = {key: [json.load(open(os.path.join(out, f"seed{s}", key, "metrics.json"))) for s in seeds]
@@ -145,7 +171,8 @@ def collect(out, seeds, keys):
               for v, name, sign, text in CLAIMS if v in differences and differences[v].get(name)]
     modalities = [m for m in first["unialign"]["zero_shot_top1"] if m != "mean"]
     return {"rows": rows, "differences": differences, "claims": claims, "chance": chance, "modalities": modalities,
-            "train_size": first["train_size"], "train_captioned": first["train_captioned"]}
+            "train_size": first["train_size"], "train_captioned": first["train_captioned"],
+            "summary": summary(metrics["full"])}
 
 
 def scarce_modalities(metrics):
@@ -194,7 +221,8 @@ def report(result, labels, settings):
               "| claim | variant | measure | variant - full | verdict |", "|---|---|---|---|---|"]
     lines += [f"| {c['claim']} | {labels.get(c['variant'], c['variant'])} | {c['measure']} | {g(c)} | "
               f"{verdict(c, c['expected'])} |" for c in result["claims"]]
-    return "\n".join(lines) + "\n"
+    lines += ["", "Full UniAlign and its baselines, per modality:", "", result["summary"]]
+    return "\n".join(lines)
 
 
 def across(folders):
@@ -253,9 +281,15 @@ def main(argv=None):
     p.add_argument("--out", default="runs/ablations", help="folder of the runs and the results (default: %(default)s)")
     p.add_argument("--across", nargs="+", metavar="OUT",
                    help="run nothing: print the claims of these labs (one world each) side by side")
+    p.add_argument("--summary", nargs="+", metavar="RUN",
+                   help="run nothing: per modality, the top-1 of these finished train.py runs (one world, "
+                        "different --seed) and their baselines, mean +- std, UniAlign - specialists paired")
     args = p.parse_args(argv)
     if args.across:
         print(across(args.across))
+        return
+    if args.summary:
+        print(summary([json.load(open(os.path.join(run, "metrics.json"))) for run in args.summary]))
         return
     table = variants(args.preset)
     if args.seeds < 2:

@@ -82,6 +82,17 @@ def test_collect_pairs_each_variant_with_full_seed_by_seed(tmp_path):
     assert "-0.105 +- 0.005 (2/2) **holds**" in text and "audio 2000 (400), imu 300" in text
 
 
+def test_summary_gives_each_modality_over_runs_and_pairs_unialign_with_the_specialists_run_by_run():
+    runs = [fake_metrics(0.60, 0.50, 0.4), fake_metrics(0.64, 0.52, 0.4)]  # specialists: audio 0.5, imu 0.4
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in ablations.summary(runs).splitlines()
+            if line.startswith("| ") and "---" not in line}
+    audio, imu = rows["audio"], rows["imu"]
+    assert audio[1:3] == ["2000 (400)", "0.100"] and imu[1] == "300"  # imu: every sample captioned
+    assert audio[6] == f"**0.620 +- {statistics.stdev([0.60, 0.64]):.3f}**" and audio[5] == "0.500 +- 0.000"
+    assert audio[7] == "+0.120 +- 0.020 (2/2) **holds** |"  # differences +0.10 and +0.14, paired
+    assert imu[7] == "+0.110 +- 0.010 (2/2) **holds** |" and audio[3] == audio[4] == "-"  # no raw or prior block
+
+
 def test_a_finished_variant_is_reused_and_a_new_one_gets_the_shared_stages(tmp_path, monkeypatch):
     full, variant = tmp_path / "full", tmp_path / "no_moe"
     full.mkdir()
