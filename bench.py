@@ -187,7 +187,7 @@ def unialign_step_setup(name, device, batch):
     sampler = MixedBatchSampler([len(d) for d in sets.values()], batch, args.alpha_sampling)
     loader = torch.utils.data.DataLoader(MixedDataset(list(sets.values())), batch_sampler=sampler, collate_fn=collate,
                                          pin_memory=device.type == "cuda")
-    return model.train(), loss, torch.optim.AdamW(params, lr=1e-4), iter(loader)
+    return model.train(), loss, torch.optim.AdamW(params, lr=1e-4, fused=True), iter(loader)  # as loop.train_loop
 
 
 def step_breakdown(name, device, batch, repeats, precision, compiled=False):
@@ -210,7 +210,9 @@ def step_breakdown(name, device, batch, repeats, precision, compiled=False):
                     value = loss(net, b)[0]
             elif phase == 1:
                 scaler.scale(value).backward()
-            else:
+            else:  # as loop.train_loop: unscale, clip, step
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
