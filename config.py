@@ -37,14 +37,14 @@ PRESETS = {
 # (this run's baselines) and "unialign"; each is shaped by every setting except those named here.
 RUN_ONLY = {"preset", "out", "resume", "device", "workers", "log_every", "ckpt_every", "no_eval", "max_bad_steps",
             "grad_checkpointing", "n_test", "on_bad", "cache", "no_cache"}  # change nothing a stage computes
-UNIALIGN_ONLY = {"steps", "experts", "rank", "top_k", "router", "router_scope", "adapt", "modalities", "alpha_sampling", "prior", "targets",
+UNIALIGN_ONLY = {"steps", "experts", "rank", "top_k", "router", "router_scope", "modalities", "alpha_sampling", "prior", "targets",
                  "beta", "tau_kd", "gamma", "lambda_anchor", "lambda_prior", "lambda_bal"}
 SPECIALIST_ONLY = {"specialist_steps"}
 PRIOR_ONLY = {"prior_size", "prior_steps"}
 RUN_DATA = {"seed", "n_train", "train_sizes", "coverage", "caption_fraction", "held_out"}  # a run's own draw, not the world's
 NOT_ANCHOR = {"lr", "batch_size", "specialist_rank", "lora_alpha", "frames", "audio_seconds", "points", "point_channels",
               "point_groups", "point_neighbours", "imu_length", "eeg_channels", "eeg_length",
-              "series_kernel", "token_positions", "depth_format"}  # used by the models trained on the anchor, not by the anchor CLIP
+              "series_kernel", "token_positions", "depth_format", "adapt"}  # used by the models trained on the anchor, not by the anchor CLIP
 NOT_SHAPING = {"anchor": UNIALIGN_ONLY | SPECIALIST_ONLY | PRIOR_ONLY | RUN_DATA | NOT_ANCHOR,
                "prior": UNIALIGN_ONLY | SPECIALIST_ONLY | RUN_DATA,
                "specialist": UNIALIGN_ONLY | PRIOR_ONLY,
@@ -227,7 +227,8 @@ def make_parser(preset, description=None):
                    help="a router per modality in every adapted linear (reading its input), or one per modality "
                         "per block shared by its linears (reading the block's ln_1 input; lora_moe.py) (default: linear)")
     g.add_argument("--adapt", nargs="+", default=list(TARGETS), choices=TARGETS, metavar="LINEAR",
-                   help=f"which frozen linears of each block get experts, of {' '.join(TARGETS)} (default: all four)")
+                   help=f"which frozen linears of each block get experts (the specialists' and prior models' LoRA too), "
+                        f"of {' '.join(TARGETS)} (default: all four)")
     g.add_argument("--token-positions", default="random", choices=["random", "clip"],
                    help="start of the tactile, depth and video tokenizers' positional embeddings: random, or CLIP's "
                         "own resampled to their grid (specialists and UniAlign) (default: random)")

@@ -35,3 +35,15 @@ def test_make_model_builds_what_the_flags_say():
     assert model_args["router_scope"] == "block" and model_args["token_positions"] == "clip"  # saved in checkpoints
     assert all(a.router_input is not None for a in model.adapters)
     assert torch.equal(model.tokenizers["depth"].positional_embedding, clip.visual.positional_embedding[1:])
+
+
+def test_what_a_specialist_or_prior_model_is_built_from_shapes_those_stages():
+    """--adapt picks the linears a specialist's and a prior model's LoRA sits in, so it shapes those
+    stages: a specialist or cached prior made with other linears is not taken for this run's."""
+    args = config.get_args(["--preset", "smoke", "--adapt", "in_proj", "c_fc"])
+    clip, sets = tiny_clip(), {"imu": [{"input": torch.zeros(6, 40)}]}
+    _, model_args = train.make_model(clip, ["imu"], sets, args, experts=1, top_k=1, rank=args.specialist_rank)
+    assert model_args["targets"] == ("in_proj", "c_fc")
+    for stage in ("prior", "specialist"):
+        assert config.stage_settings(args, stage)["adapt"] == ["in_proj", "c_fc"], stage
+    assert "adapt" not in config.stage_settings(args, "anchor")
