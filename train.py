@@ -19,7 +19,7 @@ stage is seeded from (its seed, its name), so its result does not depend on how 
 were obtained.
 
   python train.py                          # the default recipe: on 2 CPU cores about 7.5 minutes the first
-                                           # time, 4.5 once the world, anchor and prior are cached
+                                           # time, 4.5 once world, anchor and prior are cached (docs/benchmarks.md)
   python train.py --preset course          # learns clearly in a few minutes: the size for exercises
   python train.py --preset smoke           # every stage in tiny sizes: exercises the code, learns nothing
   torchrun --nproc_per_node 8 train.py --clip ViT-B-16.pt --bpe bpe_simple_vocab_16e6.txt.gz \\
