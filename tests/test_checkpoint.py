@@ -58,18 +58,27 @@ def test_a_kill_during_a_save_leaves_the_old_checkpoint_whole(tmp_path):
         assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"] and all(".tmp" in name for name in stale)
 
 
+def saved_step(path):
+    """The step of the checkpoint at `path`, 0 while there is none."""
+    return load_checkpoint(path)["step"] if path.exists() else 0
+
+
 def test_a_run_killed_again_and_again_resumes_to_the_uninterrupted_state(smoke, uninterrupted, tmp_path):
     flags = [*FLAGS, "--ckpt-every", "1"]
     killed = with_finished_stages(smoke, tmp_path / "killed")
-    for delay in (0.0, 0.7, 1.3):
-        proc = forked(*flags, "--out", str(killed), *(["--resume"] if (killed / "ckpt.pt").exists() else []))
+    # Kill points follow the run's own progress, not the clock, so a fast machine cannot finish all 12
+    # steps first: each run is killed once it has saved a step past the last one, after a short delay
+    # that lands the kill in a step or in a save.
+    for target, delay in ((1, 0.0), (3, 0.01), (5, 0.03)):
+        resume = ["--resume"] if (killed / "ckpt.pt").exists() else []
+        proc = forked(*flags, "--out", str(killed), *resume)
         deadline = time.time() + 120
-        while not (killed / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
+        while saved_step(killed / "ckpt.pt") < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert load_checkpoint(killed / "ckpt.pt")["step"] < 12, "the run finished before it could be killed"
+    assert 5 <= saved_step(killed / "ckpt.pt") < 12, "the runs did not progress, or finished before they were killed"
     train.main([*flags, "--out", str(killed), "--resume"])
     a, b = trainable_state(uninterrupted), trainable_state(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

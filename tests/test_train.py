@@ -209,7 +209,7 @@ def test_two_process_gloo_ddp_run_stops_every_rank_at_one_step_on_sigterm_to_one
     saves it, and the launch resumes to the end with --resume."""
     out = with_finished_stages(smoke, tmp_path / "ddp")
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--preset", "smoke",
-              "--steps", "6", "--device", "cpu", "--no-eval", "--log-every", "1", "--out", str(out)]
+              "--steps", "12", "--device", "cpu", "--no-eval", "--log-every", "1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc, workers = run(*launch, env=env), []
     try:
@@ -226,15 +226,15 @@ def test_two_process_gloo_ddp_run_stops_every_rank_at_one_step_on_sigterm_to_one
                 os.kill(pid, signal.SIGKILL)
     ckpt = load_checkpoint(out / "ckpt.pt")
     step = ckpt["step"]
-    assert step < 6 and ckpt["sampler"]["world_size"] == 2, log[-3000:]
-    assert f"unialign: stopped by SIGTERM after step {step} of 6, saved in {out / 'ckpt.pt'}. Resume with: " in log
+    assert step < 12 and ckpt["sampler"]["world_size"] == 2, log[-3000:]
+    assert f"unialign: stopped by SIGTERM after step {step} of 12, saved in {out / 'ckpt.pt'}. Resume with: " in log
     assert log.count("exitcode  : 143") == 2, log[-3000:]  # both ranks stopped as SIGTERM asks, neither crashed
     ranks = forked_ranks(2, *launch[launch.index("train.py") + 1:], "--resume")  # torchrun's environment, forked
     logs = [rank.communicate()[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert f"resumed unialign at step {step} of 6" in logs[0]
+    assert f"resumed unialign at step {step} of 12" in logs[0]
     ckpt = load_checkpoint(out / "ckpt.pt")
-    assert ckpt["step"] == 6 and ckpt["sampler"]["world_size"] == 2
+    assert ckpt["step"] == 12 and ckpt["sampler"]["world_size"] == 2
 
 
 def test_eval_cli_on_a_finished_run(smoke):
